@@ -1,0 +1,1 @@
+"""ditarkit.export: PyTorch checkpoint -> ONNX graphs, manifest and TensorRT engines."""

@@ -1,0 +1,1 @@
+"""ditarkit.reference: the PyTorch reference DiTAR model, its losses and checkpoints."""

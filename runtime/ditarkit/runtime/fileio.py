@@ -1,0 +1,23 @@
+"""Atomic file output: a reader never sees a half-written file, a failure leaves none."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(target: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` on a temporary file beside `target`, then rename it over."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,159 @@
+"""The patch loop: one LM step and one guided LocDiT solve per patch, until stop.
+
+The loop sees a backend only through `Runner`, so the PyTorch reference, ONNX Runtime and
+TensorRT all run this same code: what differs between them is arithmetic, never logic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.diffusion import Schedule, sample_patch
+
+# patch index -> (2, P, C) float32: [starting noise, noise that enters at tau]
+NoiseFn = Callable[[int], np.ndarray]
+
+
+class Runner(Protocol):
+    """What the sampler needs from a backend. Arrays are numpy, float32, batch-free
+    unless stated; `state` is the backend's own KV cache object."""
+
+    config: DiTARConfig
+
+    def embed_text(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D)
+
+    def encode_patches(self, patches: np.ndarray) -> np.ndarray: ...  # (N, P, C) -> (N, D)
+
+    def new_lm_state(self, capacity: int) -> Any: ...  # room for `capacity` positions
+
+    def lm_step(self, embeds: np.ndarray, state: Any) -> tuple[np.ndarray, float]:
+        """(S, D) new positions -> LM output (D,) and stop logit at the last one."""
+        ...
+
+    def velocity(
+        self, x: np.ndarray, t: np.ndarray, cond: np.ndarray, history: np.ndarray
+    ) -> np.ndarray: ...  # (B, P, C), (B,), (B, D), (B, H*P, C) -> (B, P, C)
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray: ...  # (samples,) -> (F, C)
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray: ...  # (F, C) -> (F*hop,)
+
+
+class OptionsError(ValueError):
+    """A generation option is out of range."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-call sampling options, validated when built, never inside the loop."""
+
+    cfg_scale: float = 2.0  # guidance w; 0 = conditional branch only
+    temperature: float = 0.5  # tau in [0, 1]: 0 deterministic, 1 starts from pure noise
+    nfe: int = 10  # LocDiT solver steps per patch
+    seed: int = 0  # seeds the noise generator
+    max_seconds: float = 30.0  # stop after this much audio even if the stop head has not fired
+    stop_threshold: float = 0.5  # stop when sigmoid(stop logit) exceeds this
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.cfg_scale >= 0, "cfg_scale must be >= 0"),
+            (0.0 <= self.temperature <= 1.0, "temperature must lie in [0, 1]"),
+            (1 <= self.nfe <= 1000, "nfe must lie in [1, 1000]"),
+            (self.max_seconds > 0, "max_seconds must be > 0"),
+            (0.0 < self.stop_threshold < 1.0, "stop_threshold must lie in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OptionsError(message)
+
+    @classmethod
+    def from_config(cls, config: DiTARConfig, **overrides: Any) -> GenerationOptions:
+        """The model's own defaults, with any option given here taking precedence."""
+        defaults = cls(
+            cfg_scale=config.diffusion.cfg_scale,
+            temperature=config.diffusion.temperature,
+            nfe=config.diffusion.nfe,
+            max_seconds=config.max_seconds,
+            stop_threshold=config.stop_threshold,
+        )
+        return replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def seeded_noise(seed: int, patch_size: int, latent_dim: int) -> NoiseFn:
+    """Noise drawn patch by patch from one seeded generator, so a stream is reproducible."""
+    rng = np.random.default_rng(seed)
+    return lambda _index: rng.standard_normal((2, patch_size, latent_dim), dtype=np.float32)
+
+
+def explicit_noise(noise: np.ndarray) -> NoiseFn:
+    """Noise given up front, (N, 2, P, C): lets two implementations be compared exactly."""
+    return lambda index: noise[index]
+
+
+def prompt_patches(latents: np.ndarray, config: DiTARConfig) -> np.ndarray:
+    """(F, C) reference latents -> (N, P, C), dropping the frames that do not fill a patch
+    at the start (the end of the prompt is what the first generated patch continues)."""
+    p = config.patch_size
+    n = latents.shape[0] // p
+    if n < config.history_patches:
+        need = config.history_patches * config.patch_seconds
+        raise ValueError(f"reference audio is too short: need at least {need:.2f} s")
+    return latents[latents.shape[0] - n * p :].reshape(n, p, -1)
+
+
+def generate_patches(
+    runner: Runner,
+    text_ids: list[int],
+    prompt_latents: np.ndarray,
+    options: GenerationOptions,
+    noise: NoiseFn | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield generated patches (P, C) one at a time, as soon as each is drawn."""
+    cfg = runner.config
+    noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
+    schedule = Schedule(cfg.diffusion.schedule)
+    prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
+    max_patches = max(1, min(cfg.max_patches, int(options.max_seconds / cfg.patch_seconds)))
+
+    prefix = np.concatenate([
+        runner.embed_text(np.asarray(text_ids, dtype=np.int64)),  # (T, D)
+        runner.encode_patches(prompt),  # (Np, D)
+        runner.embed_text(np.asarray([cfg.text.SPEECH_START], dtype=np.int64)),  # (1, D)
+    ])
+    state = runner.new_lm_state(prefix.shape[0] + max_patches)
+    hidden, stop_logit = runner.lm_step(prefix, state)
+    history = prompt[-cfg.history_patches :].reshape(cfg.history_frames, -1)  # (H*P, C)
+    for index in range(max_patches):
+        if index > 0:
+            # The LM output after the last patch says whether speech ends there.
+            hidden, stop_logit = runner.lm_step(runner.encode_patches(patch[None]), state)
+            if _sigmoid(stop_logit) > options.stop_threshold:
+                return
+        patch = sample_patch(
+            runner.velocity, hidden, history, noise(index), schedule,
+            options.nfe, options.cfg_scale, options.temperature,
+        )
+        history = np.concatenate([history[cfg.patch_size :], patch])
+        yield patch
+
+
+def generate_latents(
+    runner: Runner,
+    text_ids: list[int],
+    prompt_latents: np.ndarray,
+    options: GenerationOptions,
+    noise: NoiseFn | None = None,
+) -> np.ndarray:
+    """All generated latent frames at once, (N * P, C)."""
+    patches = list(generate_patches(runner, text_ids, prompt_latents, options, noise))
+    return np.concatenate(patches)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))

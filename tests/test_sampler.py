@@ -1,0 +1,112 @@
+"""The shared sampler: guidance, temperature and the patch loop with the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ditarkit.reference.runner import TorchRunner
+from ditarkit.runtime.diffusion import Schedule, guided, sample_patch, time_grid
+from ditarkit.runtime.sampler import GenerationOptions, OptionsError, explicit_noise, generate_latents
+
+P, C, D, HP = 4, 3, 5, 8
+
+
+def affine_velocity(x, t, cond, history):
+    """A known velocity field: branch-dependent through cond, time-dependent through t."""
+    return 0.5 * x + cond[:, :1, None] + t[:, None, None] + 0.1 * history.mean(axis=1, keepdims=True)
+
+
+def _draw(noise, temperature, cfg_scale=1.5, schedule="cosine_vp", nfe=10):
+    cond = np.linspace(-1, 1, D).astype(np.float32)
+    history = np.ones((HP, C), np.float32)
+    return sample_patch(affine_velocity, cond, history, noise, Schedule(schedule), nfe, cfg_scale, temperature)
+
+
+def test_guidance_formula_on_known_tensors():
+    pair = np.array([[2.0, -1.0], [0.5, 3.0]])
+    np.testing.assert_allclose(guided(pair, 0.0), [2.0, -1.0])
+    np.testing.assert_allclose(guided(pair, 2.0), [3 * 2.0 - 2 * 0.5, 3 * -1.0 - 2 * 3.0])
+
+
+def test_zero_guidance_ignores_the_unconditional_branch():
+    noise = np.random.default_rng(0).standard_normal((2, P, C)).astype(np.float32)
+
+    def garbage_uncond(x, t, cond, history):
+        v = affine_velocity(x, t, cond, history)
+        v[1] = 1e6
+        return v
+
+    cond, history = np.ones(D, np.float32), np.zeros((HP, C), np.float32)
+    a = sample_patch(affine_velocity, cond, history, noise, Schedule("cosine_vp"), 10, 0.0, 1.0)
+    b = sample_patch(garbage_uncond, cond, history, noise, Schedule("cosine_vp"), 10, 0.0, 1.0)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", ["cosine_vp", "rectified_flow"])
+def test_temperature_zero_is_deterministic_and_one_is_not(schedule):
+    rng = np.random.default_rng(1)
+    n1, n2 = (rng.standard_normal((2, P, C)).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(_draw(n1, 0.0, schedule=schedule), _draw(n2, 0.0, schedule=schedule))
+    assert np.abs(_draw(n1, 1.0, schedule=schedule) - _draw(n2, 1.0, schedule=schedule)).max() > 1e-2
+
+
+@pytest.mark.parametrize("schedule", ["cosine_vp", "rectified_flow"])
+def test_intermediate_temperature_renoises_the_x0_estimate_at_tau(schedule):
+    """tau = 0.5 on a 10-step grid: 5 deterministic steps from zeros, then the x0 estimate
+    is re-noised with the forward process at t = 0.5, then 5 more deterministic steps."""
+    sched, w, tau = Schedule(schedule), 1.5, 0.5
+    noise = np.random.default_rng(2).standard_normal((2, P, C)).astype(np.float32)
+    cond = np.linspace(-1, 1, D).astype(np.float32)
+    history = np.ones((HP, C), np.float32)
+    cond2, hist2 = np.stack([cond, 0 * cond]), np.stack([history, history])
+    x = np.zeros((P, C), np.float32)
+    grid = time_grid(10)
+    for t, s in zip(grid[:-1], grid[1:]):
+        v = guided(affine_velocity(np.stack([x, x]), np.full(2, t, np.float32), cond2, hist2), w)
+        x0, eps = sched.estimate(x, v, t)
+        if np.isclose(s, tau):
+            eps = noise[1]  # the noise enters here, at tau
+        x = sched.alpha(s) * x0 + sched.sigma(s) * eps
+    np.testing.assert_allclose(_draw(noise, tau, w, schedule), x, rtol=1e-5, atol=1e-6)
+    # The starting noise is unused below tau = 1; the renoising noise is used.
+    other_start = noise.copy()
+    other_start[0] += 1.0
+    np.testing.assert_array_equal(_draw(other_start, tau, w, schedule), _draw(noise, tau, w, schedule))
+    other_renoise = noise.copy()
+    other_renoise[1] += 1.0
+    assert np.abs(_draw(other_renoise, tau, w, schedule) - _draw(noise, tau, w, schedule)).max() > 1e-3
+
+
+def test_schedule_estimate_inverts_the_forward_process():
+    rng = np.random.default_rng(3)
+    x0, eps = rng.standard_normal((2, P, C))
+    for name in ("cosine_vp", "rectified_flow"):
+        sched = Schedule(name)
+        for t in (0.1, 0.5, 0.9):
+            x_t = sched.noisy(x0, eps, t)
+            v = sched.velocity_target(x0, eps, t)
+            est_x0, est_eps = sched.estimate(x_t, v, t)
+            np.testing.assert_allclose(est_x0, x0, atol=1e-12)
+            np.testing.assert_allclose(est_eps, eps, atol=1e-12)
+
+
+def test_options_are_validated_when_built():
+    for bad in (dict(temperature=1.5), dict(nfe=0), dict(cfg_scale=-1), dict(stop_threshold=1.0)):
+        with pytest.raises(OptionsError):
+            GenerationOptions(**bad)
+
+
+def test_reference_sampler_with_explicit_noise_is_reproducible(tiny_model):
+    from conftest import speech_like
+
+    cfg = tiny_model.config
+    runner = TorchRunner(tiny_model)
+    prompt = runner.encode_audio(speech_like(1.0))
+    noise = np.random.default_rng(5).standard_normal((20, 2, cfg.patch_size, 64)).astype(np.float32)
+    opts = GenerationOptions(max_seconds=1.0, stop_threshold=0.999999)
+    a = generate_latents(runner, [1, 10, 11, 2], prompt, opts, explicit_noise(noise))
+    b = generate_latents(runner, [1, 10, 11, 2], prompt, opts, explicit_noise(noise))
+    assert a.shape == (40, 64)  # 1 s: 10 patches of 4 frames
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all()
