@@ -102,6 +102,6 @@ def test_vae_decoder_is_causal_so_streaming_can_be_exact(tiny_model):
     assert torch.equal(a[:, : 20 * hop], b[:, : 20 * hop])
     # And the stated receptive field is enough: decoding with that much left context only
     # reproduces the full decode of the frames after it.
-    context = tiny_model.vae.decoder.receptive_frames
+    context = tiny_model.config.vae.decoder_receptive_frames
     window = tiny_model.vae.decode(z[:, 25 - context :])[:, context * hop :]
     assert (window - a[:, 25 * hop :]).abs().max() < 1e-5

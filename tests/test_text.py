@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextError, TextFrontend, normalize, split_sentences
 

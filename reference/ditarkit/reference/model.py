@@ -14,9 +14,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from ditarkit.runtime.config import DiTARConfig, TransformerConfig, VAEConfig
+from torch import Tensor, nn
 
 # Additive attention mask. Finite and within fp16 range, so an fp16 graph never meets inf.
 MASK_VALUE = -30_000.0
@@ -35,12 +34,19 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin tables (S, head_dim) for float positions (S,)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
-    return angles.cos(), angles.sin()
+class RotaryEmbedding(nn.Module):
+    """cos and sin tables (S, head_dim) for positions (S,). A module of its own so that the
+    fp16 export can find it by name and keep it in fp32 (angles reach hundreds of radians)."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (S, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
+        return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -122,6 +128,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
 
@@ -133,7 +140,7 @@ class Transformer(nn.Module):
         past_keys: Tensor | None = None,  # (L, B, Hkv, M, hd)
         past_values: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        cos, sin = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_base)
+        cos, sin = self.rotary(positions)
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
             past_k = None if past_keys is None else past_keys[i]
@@ -205,12 +212,20 @@ class PatchAggregator(nn.Module):
 # --------------------------------------------------------------------------------------
 # LocDiT: [h_i + time, history frames, noisy patch] -> velocity on the patch
 # --------------------------------------------------------------------------------------
-def timestep_features(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal features (B, dim) of t in [0, 1], scaled by 1000 like DDPM step indices."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * 1000.0 * freqs[None, :]  # (B, half)
-    return torch.cat([args.cos(), args.sin()], dim=-1)
+class TimestepEmbedding(nn.Module):
+    """t in [0, 1] -> (B, dim): sinusoidal features of 1000 t (like DDPM step indices), then
+    an MLP. Kept in fp32 by the fp16 export, found by this module's name."""
+
+    def __init__(self, features: int, dim: int) -> None:
+        super().__init__()
+        half = features // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        args = t.float()[:, None] * 1000.0 * self.freqs[None, :]  # (B, half)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
 class LocDiT(nn.Module):
@@ -218,9 +233,8 @@ class LocDiT(nn.Module):
         super().__init__()
         d, c = cfg.locdit.dim, cfg.audio.latent_dim
         self.patch_size = cfg.patch_size
-        self.time_dim = cfg.diffusion.time_embed_dim
         self.cond_proj = nn.Linear(cfg.lm.dim, d)
-        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_embed = TimestepEmbedding(cfg.diffusion.time_embed_dim, d)
         self.history_proj = nn.Linear(c, d)
         self.noisy_proj = nn.Linear(c, d)
         self.transformer = Transformer(cfg.locdit)
@@ -235,7 +249,7 @@ class LocDiT(nn.Module):
         cond: Tensor,  # (B, D_lm) LM output; zeros for the unguided branch
         history: Tensor,  # (B, H*P, C) clean previous frames
     ) -> Tensor:
-        c = self.cond_proj(cond) + self.time_mlp(timestep_features(t, self.time_dim))  # (B, d)
+        c = self.cond_proj(cond) + self.time_embed(t)  # (B, d)
         tokens = torch.cat([c[:, None], self.history_proj(history), self.noisy_proj(x)], dim=1)
         y, _, _ = self.transformer(tokens, torch.arange(tokens.shape[1]))  # bidirectional
         return self.out_proj(y[:, -self.patch_size :])  # (B, P, C)
@@ -339,12 +353,6 @@ class VAEDecoder(nn.Module):
         head, tail = frames_audio[..., : self.hop], frames_audio[..., self.hop :]
         tail = F.pad(tail, (0, 0, 1, 0))[:, :frames]  # frame n-1's second half lands on n
         return (head + tail).reshape(b, frames * self.hop)
-
-    @property
-    def receptive_frames(self) -> int:
-        """Past frames that influence a frame's audio: each causal conv adds kernel - 1,
-        and overlap-add one more. Streaming decodes with at least this much context."""
-        return (len(self.blocks) + 1) * (self.kernel - 1) + 1
 
 
 class SpeechVAE(nn.Module):

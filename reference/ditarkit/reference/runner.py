@@ -1,68 +1,106 @@
-"""The PyTorch reference behind the runtime's `Runner` interface.
+"""The PyTorch reference as a backend: each bundle graph is its reference module's forward.
 
-With it, `ditarkit.runtime.sampler.generate_patches` is the reference sampler: the same
-loop, schedule, guidance and temperature rule the deployed runtime executes, with every
-network evaluated by the eager PyTorch modules in fp32.
+The wrappers here are what `ditar-export` traces into ONNX, and `TorchRunner` evaluates
+them eagerly behind the runtime's `GraphRunner`. So `generate_patches(TorchRunner(model),
+...)` is the reference sampler: the same loop, schedule, guidance and temperature rule the
+deployed runtime executes, with every network in fp32 PyTorch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-
 from ditarkit.reference.model import DiTAR
+from ditarkit.runtime.manifest import (
+    LM,
+    LOCDIT,
+    PATCH_ENCODER,
+    TEXT_EMBEDDING,
+    VAE_DECODER,
+    VAE_ENCODER,
+    graph_signatures,
+)
+from ditarkit.runtime.runner import GraphRunner
+from torch import Tensor, nn
 
 
-@dataclass
-class TorchLMState:
-    """A preallocated KV cache and how much of it is filled."""
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.vae = model.vae
 
-    keys: torch.Tensor  # (L, 1, Hkv, capacity, hd)
-    values: torch.Tensor
-    position: int = 0
+    def forward(self, audio: Tensor) -> Tensor:  # (1, T) -> (1, F, C)
+        return self.vae.encode(audio)
 
 
-class TorchRunner:
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.vae = model.vae
+
+    def forward(self, latents: Tensor) -> Tensor:  # (1, F, C) -> (1, F * hop)
+        return self.vae.decode(latents)
+
+
+class TextEmbeddingGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.embedding = model.text_embedding
+
+    def forward(self, ids: Tensor) -> Tensor:  # (T,) -> (T, D)
+        return self.embedding(ids)
+
+
+class PatchEncoderGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.aggregator = model.aggregator
+
+    def forward(self, patches: Tensor) -> Tensor:  # (N, P, C) -> (N, D)
+        return self.aggregator(patches)
+
+
+class LMGraph(nn.Module):
+    """One call serves prefill (steps = prompt length) and decoding (steps = 1)."""
+
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.lm = model.lm
+
+    def forward(self, embeds: Tensor, past_keys: Tensor, past_values: Tensor, position: Tensor):
+        hidden, stop, keys, values = self.lm(embeds, past_keys, past_values, position)
+        return hidden[:, -1], stop[:, -1], keys, values  # (1, D), (1,), (L, 1, Hkv, S, hd) x 2
+
+
+class LocDiTGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.locdit = model.locdit
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, history: Tensor) -> Tensor:
+        return self.locdit(x, t, cond, history)  # (B, P, C)
+
+
+# Forward arguments follow the order of each graph's inputs in `graph_signatures`.
+GRAPH_MODULES: dict[str, type[nn.Module]] = {
+    VAE_ENCODER: VAEEncoderGraph,
+    VAE_DECODER: VAEDecoderGraph,
+    TEXT_EMBEDDING: TextEmbeddingGraph,
+    PATCH_ENCODER: PatchEncoderGraph,
+    LM: LMGraph,
+    LOCDIT: LocDiTGraph,
+}
+
+
+class TorchRunner(GraphRunner):
     def __init__(self, model: DiTAR) -> None:
         self.model = model.eval()
         self.config = model.config
+        self.specs = graph_signatures(model.config)
+        self.graphs = {name: cls(model).eval() for name, cls in GRAPH_MODULES.items()}
 
     @torch.inference_mode()
-    def embed_text(self, ids: np.ndarray) -> np.ndarray:
-        return self.model.text_embedding(torch.from_numpy(ids)).numpy()
-
-    @torch.inference_mode()
-    def encode_patches(self, patches: np.ndarray) -> np.ndarray:
-        return self.model.aggregator(torch.from_numpy(patches)).numpy()
-
-    def new_lm_state(self, capacity: int) -> TorchLMState:
-        lm = self.config.lm
-        shape = (lm.layers, 1, lm.kv_heads, capacity, lm.head_dim)
-        return TorchLMState(torch.zeros(shape), torch.zeros(shape))
-
-    @torch.inference_mode()
-    def lm_step(self, embeds: np.ndarray, state: TorchLMState) -> tuple[np.ndarray, float]:
-        position = torch.tensor([state.position], dtype=torch.int64)
-        hidden, stop, keys, values = self.model.lm(
-            torch.from_numpy(embeds)[None], state.keys, state.values, position
-        )
-        end = state.position + embeds.shape[0]
-        state.keys[:, :, :, state.position : end] = keys
-        state.values[:, :, :, state.position : end] = values
-        state.position = end
-        return hidden[0, -1].numpy(), float(stop[0, -1])
-
-    @torch.inference_mode()
-    def velocity(self, x, t, cond, history) -> np.ndarray:
-        args = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x, t, cond, history))
-        return self.model.locdit(*args).numpy()
-
-    @torch.inference_mode()
-    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        return self.model.vae.encode(torch.from_numpy(audio)[None])[0].numpy()
-
-    @torch.inference_mode()
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        return self.model.vae.decode(torch.from_numpy(latents)[None])[0].numpy()
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = (torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.specs[name].input_names)
+        out = self.graphs[name](*args)
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]

@@ -45,6 +45,12 @@ class VAEConfig:
     n_fft: int = 1200  # analysis and synthesis window: 2 x hop, 50% overlap
     max_log_magnitude: float = 6.0  # clamp before exp() so fp16 never overflows
 
+    @property
+    def decoder_receptive_frames(self) -> int:
+        """Frames that influence one frame's audio: the input conv and each block add
+        kernel - 1 past frames, overlap-add one more. Streaming decodes with this context."""
+        return (self.decoder_layers + 1) * (self.kernel_size - 1) + 1
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -119,6 +125,7 @@ class DiTARConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     stop_threshold: float = 0.5  # stop when sigmoid(stop logit) exceeds this
     max_seconds: float = 30.0  # hard cap on generated audio per call
+    max_prompt_seconds: float = 10.0  # longer reference audio is trimmed to its last part
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +138,15 @@ class DiTARConfig:
     @property
     def max_patches(self) -> int:
         return int(self.max_seconds / self.patch_seconds)
+
+    @property
+    def max_prompt_patches(self) -> int:
+        return int(self.max_prompt_seconds / self.patch_seconds)
+
+    @property
+    def max_prefix(self) -> int:
+        """LM positions before the first generated patch: text, prompt, speech-start."""
+        return self.text.max_tokens + self.max_prompt_patches + 1
 
     @property
     def history_frames(self) -> int:

@@ -9,40 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.diffusion import Schedule, sample_patch
+from ditarkit.runtime.runner import Runner
 
 # patch index -> (2, P, C) float32: [starting noise, noise that enters at tau]
 NoiseFn = Callable[[int], np.ndarray]
-
-
-class Runner(Protocol):
-    """What the sampler needs from a backend. Arrays are numpy, float32, batch-free
-    unless stated; `state` is the backend's own KV cache object."""
-
-    config: DiTARConfig
-
-    def embed_text(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D)
-
-    def encode_patches(self, patches: np.ndarray) -> np.ndarray: ...  # (N, P, C) -> (N, D)
-
-    def new_lm_state(self, capacity: int) -> Any: ...  # room for `capacity` positions
-
-    def lm_step(self, embeds: np.ndarray, state: Any) -> tuple[np.ndarray, float]:
-        """(S, D) new positions -> LM output (D,) and stop logit at the last one."""
-        ...
-
-    def velocity(
-        self, x: np.ndarray, t: np.ndarray, cond: np.ndarray, history: np.ndarray
-    ) -> np.ndarray: ...  # (B, P, C), (B,), (B, D), (B, H*P, C) -> (B, P, C)
-
-    def encode_audio(self, audio: np.ndarray) -> np.ndarray: ...  # (samples,) -> (F, C)
-
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray: ...  # (F, C) -> (F*hop,)
 
 
 class OptionsError(ValueError):
@@ -130,17 +105,17 @@ def generate_patches(
     hidden, stop_logit = runner.lm_step(prefix, state)
     history = prompt[-cfg.history_patches :].reshape(cfg.history_frames, -1)  # (H*P, C)
     for index in range(max_patches):
-        if index > 0:
-            # The LM output after the last patch says whether speech ends there.
-            hidden, stop_logit = runner.lm_step(runner.encode_patches(patch[None]), state)
-            if _sigmoid(stop_logit) > options.stop_threshold:
-                return
         patch = sample_patch(
             runner.velocity, hidden, history, noise(index), schedule,
             options.nfe, options.cfg_scale, options.temperature,
         )
-        history = np.concatenate([history[cfg.patch_size :], patch])
         yield patch
+        if index + 1 == max_patches:
+            return
+        history = np.concatenate([history[cfg.patch_size :], patch])
+        hidden, stop_logit = runner.lm_step(runner.encode_patches(patch[None]), state)
+        if _sigmoid(stop_logit) > options.stop_threshold:  # speech ends after this patch
+            return
 
 
 def generate_latents(

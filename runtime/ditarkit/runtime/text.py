@@ -13,7 +13,7 @@ import unicodedata
 
 from ditarkit.runtime.config import TextConfig
 
-_NUMBER_WORDS = "zero one two three four five six seven eight nine".split()
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _REPLACEMENTS = {
     "\u2018": "'", "\u2019": "'", "\u201c": "", "\u201d": "", '"': "",
     "\u2013": "-", "\u2014": ", ", "&": " and ", "%": " percent", "+": " plus ",

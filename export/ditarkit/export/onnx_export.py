@@ -1,0 +1,138 @@
+"""PyTorch module -> checked, stamped ONNX file, in fp32 or numerically safe fp16.
+
+Graphs are traced with TorchScript at a default opset of 17, which TensorRT 10.3 (JetPack
+6) parses: attention, RMSNorm and rotary positions come out as plain MatMul/Softmax/
+ReduceMean/Cos/Sin ops, and the KV cache is input and output as separate tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from ditarkit.export.inputs import dims_at, example_inputs
+from ditarkit.reference.model import DiTAR
+from ditarkit.reference.runner import GRAPH_MODULES
+from ditarkit.runtime import __version__
+from ditarkit.runtime.manifest import META_KIT_VERSION, META_SIGNATURE, GraphSpec
+
+DEFAULT_OPSET = 17
+
+# fp16 keeps these in fp32: norms, softmax and reductions overflow in fp16, and rotary and
+# time-embedding angles lose their fractional part (FIELD-NOTES: NaN audio from fp16 DiTs).
+FP32_OP_TYPES = [
+    "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Reciprocal", "LayerNormalization",
+    "Exp", "Log", "Cos", "Sin", "Clip",
+]
+FP32_SCOPES = ("norm", "rotary", "time_embed")  # module names in the node names
+
+
+def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bool, signature: str) -> Path:
+    """Trace one graph at its optimal shapes with the manifest's dynamic dimensions."""
+    cfg = model.config
+    wrapper = GRAPH_MODULES[spec.name](model).eval()
+    feeds = example_inputs(spec, dims_at(spec, 1, cfg.audio.hop_length), vocab=cfg.text.vocab_size)
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+    dynamic_axes = {
+        t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
+        for t in (*spec.inputs, *spec.outputs)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints from shapes
+        torch.onnx.export(
+            wrapper, args, str(path), dynamo=False, opset_version=opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    graph = onnx.load(str(path))
+    graph = _fold_constants(graph)
+    if fp16:
+        graph = to_mixed_fp16(graph)
+    _declare_io_shapes(graph, spec)
+    _stamp(graph, signature)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+    return path
+
+
+def _fold_constants(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """Polygraphy's constant folding (ONNX-GraphSurgeon + ONNX Runtime), then cleanup."""
+    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
+
+    ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are noise here
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        return fold_constants(graph, num_passes=2, error_ok=True)
+
+
+def to_mixed_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and matmuls in fp16, the sensitive ops in fp32, I/O unchanged (float32)."""
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    keep = [n.name for n in graph.graph.node if any(scope in n.name.lower() for scope in FP32_SCOPES)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notes on clamping tiny constants to fp16 range
+        graph = convert_float_to_float16(
+            graph, keep_io_types=True, op_block_list=FP32_OP_TYPES, node_block_list=keep,
+            disable_shape_infer=False,
+        )
+    return remove_fp16_round_trips(graph)
+
+
+def remove_fp16_round_trips(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter casts every kept-fp32 node's output to fp16 and back before the next
+    kept node: rotary angles and norm statistics would still be rounded to fp16. Drop each
+    Cast(fp16) whose consumers are all Cast(fp32), wiring those consumers' readers to the
+    original fp32 tensor."""
+    nodes = graph.graph.node
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.graph.output}
+    to_float = lambda n: n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT  # noqa: E731
+    renamed: dict[str, str] = {}
+    dropped = set()
+    for node in nodes:
+        if node.op_type != "Cast" or node.attribute[0].i != onnx.TensorProto.FLOAT16:
+            continue
+        users = readers.get(node.output[0], [])
+        if users and node.output[0] not in graph_outputs and all(to_float(u) for u in users):
+            for user in users:
+                renamed[user.output[0]] = node.input[0]
+                dropped.add(id(user))
+            dropped.add(id(node))
+    kept = [n for n in nodes if id(n) not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            while name in renamed:
+                name = renamed[name]
+            node.input[i] = name
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+    return graph
+
+
+def _declare_io_shapes(graph: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give graph I/O the manifest's dimension names (shape inference invents its own,
+    such as 'floor(samples/600)'), so the ONNX file states the same contract."""
+    for declared, values in ((spec.inputs, graph.graph.input), (spec.outputs, graph.graph.output)):
+        for tensor, value in zip(declared, values):
+            dims = value.type.tensor_type.shape.dim
+            for dim, want in zip(dims, tensor.shape):
+                if isinstance(want, int):
+                    dim.dim_value = want
+                else:
+                    dim.dim_param = want
+
+
+def _stamp(graph: onnx.ModelProto, signature: str) -> None:
+    """Kit version and contract digest: the runtime refuses a graph from another bundle."""
+    del graph.metadata_props[:]
+    for key, value in ((META_KIT_VERSION, __version__), (META_SIGNATURE, signature)):
+        graph.metadata_props.add(key=key, value=value)
+    graph.producer_name = "ditarkit"
+    graph.producer_version = __version__

@@ -1,0 +1,1 @@
+"""Backends behind the runtime's GraphRunner: ONNX Runtime and TensorRT."""

@@ -1,0 +1,277 @@
+"""TensorRT backend: engines built on the device from a bundle, and a runner over them.
+
+Written to the name-based API that TensorRT 8.6, 10.x and 11.x share (set_input_shape,
+set_tensor_address, execute_async_v3). Device memory, copies and CUDA graphs go through
+cuda-python. Nothing here is imported until TensorRT is asked for, so the runtime installs
+and runs without it.
+
+Engines are device-specific: they live in `<bundle>/engines/`, keyed by the ONNX file's
+checksum, the GPU and the TensorRT version, and a mismatch is refused with the command that
+rebuilds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, BundleError, GraphSpec, load_manifest
+from ditarkit.runtime.runner import GraphRunner
+
+ENGINE_DIR = "engines"
+ENGINE_INDEX = "engines.json"
+TIMING_CACHE = "timing.cache"
+WORKSPACE_BYTES = 2 << 30
+
+
+class TensorRTUnavailable(RuntimeError):
+    pass
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def _cuda(result):
+    """cuda-python returns (error, *values); raise on error, return the values."""
+    error, *values = result
+    if int(error) != 0:
+        raise RuntimeError(f"CUDA call failed: {error}")
+    return values[0] if len(values) == 1 else values
+
+
+def unavailable_reason() -> str | None:
+    """None when engines can be built and run here, else why not, in one line."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt Python package is not installed"
+    try:
+        count = _cuda(_cudart().cudaGetDeviceCount())
+    except Exception:  # no driver, no cuda-python: both mean no usable GPU
+        return "no CUDA device or cuda-python is not installed"
+    return None if count > 0 else "no CUDA device"
+
+
+def device_key() -> str:
+    import tensorrt as trt
+
+    props = _cuda(_cudart().cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return f"{name} sm{props.major}{props.minor} TensorRT {trt.__version__}"
+
+
+def engine_key(graph: GraphSpec, device: str) -> str:
+    return hashlib.sha256(f"{graph.sha256}|{device}".encode()).hexdigest()[:16]
+
+
+def _profile_shapes(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shapes of each input, from the manifest's dynamic ranges."""
+    return {
+        t.name: tuple(t.resolve({d: r[i] for d, r in spec.dims.items()}) for i in range(3))
+        for t in spec.inputs
+    }
+
+
+def build_engines(bundle: str | Path, log: Callable[[str], None] = lambda _m: None) -> dict[str, Path]:
+    """Parse, profile, build and save one engine per graph, reusing a timing cache."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
+
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    engines = bundle / ENGINE_DIR
+    engines.mkdir(exist_ok=True)
+    timing = str(engines / TIMING_CACHE)
+    device = device_key()
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT >= 9
+    index = {"device": device, "engines": {}}
+    for number, name in enumerate(GRAPH_NAMES, 1):
+        spec = manifest.graphs[name]
+        log(f"[{number}/{len(GRAPH_NAMES)}] building TensorRT engine for {name} ({device})")
+        profile = Profile()
+        for tensor, (lo, opt, hi) in _profile_shapes(spec).items():
+            profile.add(tensor, min=lo, opt=opt, max=hi)
+        network = NetworkFromOnnxPath(str(bundle / spec.file), strongly_typed=strongly_typed or None)
+        config = CreateConfig(
+            profiles=[profile], load_timing_cache=timing,
+            memory_pool_limits={trt.MemoryPoolType.WORKSPACE: WORKSPACE_BYTES},
+            # TensorRT 8.6 has no strongly typed networks: let it pick fp16 kernels instead.
+            fp16=(manifest.precision == "fp16" and not strongly_typed),
+        )
+        path = engines / f"{name}-{engine_key(spec, device)}.plan"
+        SaveEngine(EngineFromNetwork(network, config, save_timing_cache=timing), str(path))()
+        index["engines"][name] = path.name
+    (engines / ENGINE_INDEX).write_text(json.dumps(index, indent=2))
+    return {name: engines / file for name, file in index["engines"].items()}
+
+
+@dataclass
+class DeviceBuffer:
+    ptr: int
+    nbytes: int
+
+
+@dataclass
+class DeviceKVCache:
+    """KV cache resident on the GPU: the LM reads it in place, new slots are copied in."""
+
+    keys: DeviceBuffer  # (L, 1, Hkv, capacity, hd) float32
+    values: DeviceBuffer
+    capacity: int
+    position: int = 0
+
+
+class TensorRTRunner(GraphRunner):
+    name = "tensorrt"
+
+    def __init__(self, bundle: str | Path, cuda_graphs: bool = True) -> None:
+        import tensorrt as trt
+
+        bundle = Path(bundle)
+        self.manifest = load_manifest(bundle)
+        self.config, self.specs = self.manifest.config, self.manifest.graphs
+        self.cudart = _cudart()
+        self._buffers: list[DeviceBuffer] = []
+        self.stream = _cuda(self.cudart.cudaStreamCreate())
+        paths = self._engine_paths(bundle)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.engines = {n: runtime.deserialize_cuda_engine(p.read_bytes()) for n, p in paths.items()}
+        self.contexts = {n: e.create_execution_context() for n, e in self.engines.items()}
+        # One buffer per I/O tensor, sized for the manifest's maximum shapes, allocated once.
+        self.io = {n: self._allocate_io(self.specs[n]) for n in GRAPH_NAMES}
+        # The KV cache too, at the largest capacity; each synthesis reuses it (the LM masks
+        # every slot at or past `position`, so stale contents are never read).
+        self.kv = (self.io[LM]["past_keys"], self.io[LM]["past_values"])
+        self.cuda_graphs = cuda_graphs
+        self._graph_exec: dict[tuple, object] = {}
+
+    def _engine_paths(self, bundle: Path) -> dict[str, Path]:
+        index_path = bundle / ENGINE_DIR / ENGINE_INDEX
+        rebuild = f"run: ditar-engines {bundle}"
+        if not index_path.is_file():
+            raise BundleError(f"{bundle} has no TensorRT engines; {rebuild}")
+        device = device_key()
+        index = json.loads(index_path.read_text())
+        paths = {}
+        for name in GRAPH_NAMES:
+            path = bundle / ENGINE_DIR / f"{name}-{engine_key(self.specs[name], device)}.plan"
+            if index.get("device") != device or not path.is_file():
+                raise BundleError(f"engines in {bundle} were built for {index.get('device')}, "
+                                  f"this is {device}; {rebuild}")
+            paths[name] = path
+        return paths
+
+    def _malloc(self, nbytes: int) -> DeviceBuffer:
+        buffer = DeviceBuffer(_cuda(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes)
+        self._buffers.append(buffer)
+        return buffer
+
+    def _allocate_io(self, spec: GraphSpec) -> dict[str, DeviceBuffer]:
+        biggest = {d: r[2] for d, r in spec.dims.items()}
+        return {
+            t.name: self._malloc(int(np.prod(t.resolve(biggest))) * np.dtype(t.dtype).itemsize)
+            for t in (*spec.inputs, *spec.outputs)
+        }
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind) -> None:
+        _cuda(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream))
+
+    def _upload(self, buffer: DeviceBuffer, array: np.ndarray) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._copy(buffer.ptr, array.ctypes.data, array.nbytes, kind)
+
+    def _download(self, buffer: DeviceBuffer, shape, dtype) -> np.ndarray:
+        host = np.empty(shape, dtype)
+        self._copy(host.ctypes.data, buffer.ptr, host.nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        return host
+
+    def _execute(self, name: str, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        context = self.contexts[name]
+        for tensor, shape in shapes.items():
+            context.set_input_shape(tensor, shape)
+        for tensor, ptr in addresses.items():
+            context.set_tensor_address(tensor, ptr)
+        key = (name, *shapes.values())
+        if self.cuda_graphs and name == LOCDIT:
+            self._launch_graph(key, context)
+        elif not context.execute_async_v3(self.stream):
+            raise RuntimeError(f"TensorRT failed to run {name}")
+
+    def _launch_graph(self, key: tuple, context) -> None:
+        """LocDiT runs nfe times per patch at fixed shapes and addresses: capture it once
+        per shape in a CUDA graph and replay it, saving the launch overhead."""
+        if key not in self._graph_exec:
+            context.execute_async_v3(self.stream)  # warm-up outside capture, as TensorRT asks
+            mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _cuda(self.cudart.cudaStreamBeginCapture(self.stream, mode))
+            context.execute_async_v3(self.stream)
+            graph = _cuda(self.cudart.cudaStreamEndCapture(self.stream))
+            self._graph_exec[key] = _cuda(self.cudart.cudaGraphInstantiate(graph, 0))
+        _cuda(self.cudart.cudaGraphLaunch(self._graph_exec[key], self.stream))
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        spec, io = self.specs[name], self.io[name]
+        arrays = {t.name: np.ascontiguousarray(feeds[t.name], t.dtype) for t in spec.inputs}
+        for tensor, array in arrays.items():
+            self._upload(io[tensor], array)
+        self._execute(name, {k: a.shape for k, a in arrays.items()}, {k: b.ptr for k, b in io.items()})
+        context = self.contexts[name]
+        outs = [self._download(io[t.name], tuple(context.get_tensor_shape(t.name)), t.dtype) for t in spec.outputs]
+        _cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        return outs
+
+    # -- KV cache kept on the GPU ------------------------------------------------------
+    def new_lm_state(self, capacity: int) -> DeviceKVCache:
+        """One synthesis at a time per runner: the state shares the runner's cache buffers."""
+        return DeviceKVCache(*self.kv, capacity)
+
+    def lm_step(self, embeds: np.ndarray, state: DeviceKVCache) -> tuple[np.ndarray, float]:
+        lm, io = self.config.lm, self.io[LM]
+        steps = embeds.shape[0]
+        if state.position + steps > state.capacity:
+            raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
+        embeds = np.ascontiguousarray(embeds[None], np.float32)
+        position = np.array([state.position], np.int64)
+        self._upload(io["embeds"], embeds)
+        self._upload(io["position"], position)
+        kv_shape = (lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim)
+        shapes = {"embeds": embeds.shape, "past_keys": kv_shape, "past_values": kv_shape, "position": (1,)}
+        addresses = {k: b.ptr for k, b in io.items()}
+        addresses.update(past_keys=state.keys.ptr, past_values=state.values.ptr)
+        self._execute(LM, shapes, addresses)
+        for new, cache in (("new_keys", state.keys), ("new_values", state.values)):
+            self._insert(io[new], cache, state, steps)
+        hidden = self._download(io["hidden"], (1, lm.dim), np.float32)
+        stop = self._download(io["stop_logit"], (1,), np.float32)
+        _cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        state.position += steps
+        return hidden[0], float(stop[0])
+
+    def _insert(self, new: DeviceBuffer, cache: DeviceBuffer, state: DeviceKVCache, steps: int) -> None:
+        """Copy (L*Hkv rows of steps*hd) into the cache rows at `position`: one 2-D copy."""
+        lm = self.config.lm
+        row = steps * lm.head_dim * 4
+        pitch = state.capacity * lm.head_dim * 4
+        dst = cache.ptr + state.position * lm.head_dim * 4
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        _cuda(self.cudart.cudaMemcpy2DAsync(dst, pitch, new.ptr, row, row, lm.layers * lm.kv_heads, kind, self.stream))
+
+    def close(self) -> None:
+        for buffer in self._buffers:
+            self.cudart.cudaFree(buffer.ptr)
+        self._buffers.clear()

@@ -1,0 +1,279 @@
+"""The bundle manifest: the contract between the exporter and every runtime backend.
+
+`graph_signatures` is the one definition of each graph's inputs, outputs, dtypes and
+dynamic dimensions (with min/opt/max ranges, which are also the TensorRT profiles). The
+exporter names tensors from it and writes it to `manifest.json`; runtimes and tests read
+the manifest back and address tensors only through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ditarkit.runtime import __version__
+from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.fileio import atomic_write
+
+FORMAT_VERSION = 1  # bumped when the graphs' contract changes; other versions are refused
+MANIFEST_FILE = "manifest.json"
+
+# Graph names, which are also the ONNX file stems.
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+TEXT_EMBEDDING = "text_embedding"
+PATCH_ENCODER = "patch_encoder"
+LM = "lm"
+LOCDIT = "locdit"
+GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCDIT)
+
+# ONNX metadata_props keys stamped into every graph, checked when a session is created.
+META_KIT_VERSION = "ditarkit.kit_version"
+META_SIGNATURE = "ditarkit.signature"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupt, from another kit version, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64
+    shape: tuple[int | str, ...]  # ints are fixed; strings name a dynamic dimension
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, tuple[int, int, int]]  # dynamic dimension -> (min, opt, max)
+    file: str = ""
+    sha256: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def bind(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds keyed by the graph's input names; a wrong or missing name is a bug."""
+        if set(arrays) != set(self.input_names):
+            raise KeyError(f"{self.name}: inputs are {self.input_names}, got {sorted(arrays)}")
+        return arrays
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Validate dtypes, fixed sizes and dynamic ranges (tests and debugging; the hot
+        loop skips it)."""
+        seen: dict[str, int] = {}
+        for spec in self.inputs:
+            array = feeds[spec.name]
+            if array.dtype != np.dtype(spec.dtype) or array.ndim != len(spec.shape):
+                raise ValueError(f"{self.name}.{spec.name}: expected {spec.dtype}{list(spec.shape)}, "
+                                 f"got {array.dtype}{list(array.shape)}")
+            for want, got in zip(spec.shape, array.shape):
+                if isinstance(want, int):
+                    ok = want == got
+                else:
+                    lo, _, hi = self.dims[want]
+                    ok = lo <= got <= hi and seen.setdefault(want, got) == got
+                if not ok:
+                    raise ValueError(f"{self.name}.{spec.name}: shape {list(array.shape)} does not fit "
+                                     f"{list(spec.shape)} with ranges {self.dims}")
+
+    def to_dict(self) -> dict[str, Any]:
+        tensors = lambda ts: [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]  # noqa: E731
+        return {"file": self.file, "sha256": self.sha256, "inputs": tensors(self.inputs),
+                "outputs": tensors(self.outputs), "dims": {k: list(v) for k, v in self.dims.items()}}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> GraphSpec:
+        tensors = lambda ts: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in ts)  # noqa: E731
+        return cls(name, tensors(data["inputs"]), tensors(data["outputs"]),
+                   {k: tuple(v) for k, v in data["dims"].items()}, data["file"], data["sha256"])
+
+
+def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
+    """Every graph's I/O. Floating I/O is float32 at every precision (an fp16 bundle casts
+    inside its graphs), so a runtime feeds the same arrays to any bundle."""
+    f32, i64 = "float32", "int64"
+    c, p, hop = cfg.audio.latent_dim, cfg.patch_size, cfg.audio.hop_length
+    lm = cfg.lm
+    kv = (lm.layers, 1, lm.kv_heads, "capacity", lm.head_dim)  # (L, B=1, Hkv, slots, hd)
+    new_kv = (lm.layers, 1, lm.kv_heads, "steps", lm.head_dim)
+    max_frames = cfg.max_patches * p
+    stream_frames = cfg.vae.decoder_receptive_frames + p
+    prompt_frames = cfg.max_prompt_patches * p
+    max_positions = cfg.max_prefix + cfg.max_patches
+    spec = GraphSpec
+    return {
+        VAE_ENCODER: spec(
+            VAE_ENCODER,
+            (TensorSpec("audio", f32, (1, "samples")),),  # samples = frames * hop
+            (TensorSpec("latents", f32, (1, "frames", c)),),
+            {"samples": (cfg.history_frames * hop, 5 * cfg.audio.sample_rate, prompt_frames * hop)},
+        ),
+        VAE_DECODER: spec(
+            VAE_DECODER,
+            (TensorSpec("latents", f32, (1, "frames", c)),),
+            (TensorSpec("audio", f32, (1, "samples")),),
+            {"frames": (1, stream_frames, max_frames + stream_frames)},
+        ),
+        TEXT_EMBEDDING: spec(
+            TEXT_EMBEDDING,
+            (TensorSpec("ids", i64, ("tokens",)),),
+            (TensorSpec("embeds", f32, ("tokens", lm.dim)),),
+            {"tokens": (1, 64, cfg.text.max_tokens)},
+        ),
+        PATCH_ENCODER: spec(
+            PATCH_ENCODER,
+            (TensorSpec("patches", f32, ("patches", p, c)),),
+            (TensorSpec("vectors", f32, ("patches", lm.dim)),),
+            {"patches": (1, 1, cfg.max_prompt_patches)},
+        ),
+        LM: spec(
+            LM,
+            (
+                TensorSpec("embeds", f32, (1, "steps", lm.dim)),
+                TensorSpec("past_keys", f32, kv),
+                TensorSpec("past_values", f32, kv),
+                TensorSpec("position", i64, (1,)),  # filled cache slots = first new position
+            ),
+            (
+                TensorSpec("hidden", f32, (1, lm.dim)),  # LM output at the last new position
+                TensorSpec("stop_logit", f32, (1,)),
+                TensorSpec("new_keys", f32, new_kv),  # only the new slots: no input/output aliasing
+                TensorSpec("new_values", f32, new_kv),
+            ),
+            {"steps": (1, 1, cfg.max_prefix), "capacity": (1, max_positions // 2, max_positions)},
+        ),
+        LOCDIT: spec(
+            LOCDIT,
+            (
+                TensorSpec("x", f32, ("batch", p, c)),
+                TensorSpec("t", f32, ("batch",)),
+                TensorSpec("cond", f32, ("batch", lm.dim)),
+                TensorSpec("history", f32, ("batch", cfg.history_frames, c)),
+            ),
+            (TensorSpec("velocity", f32, ("batch", p, c)),),
+            {"batch": (1, 2, 8)},  # 2 = both guidance branches in one call
+        ),
+    }
+
+
+def signature_digest(config: DiTARConfig, graph: GraphSpec) -> str:
+    """Identifies a graph's contract (model config + I/O); stamped into the ONNX file."""
+    payload = json.dumps({"config": config.to_dict(), "graph": {**graph.to_dict(), "file": "", "sha256": ""}},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    config: DiTARConfig
+    precision: str  # fp32, fp16, int8, fp8
+    opset: int
+    graphs: dict[str, GraphSpec]
+    kit_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    quantization: dict[str, Any] = field(default_factory=dict)  # what was quantized, and how
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint it came from
+
+    @property
+    def decoder_context_frames(self) -> int:
+        return self.config.vae.decoder_receptive_frames
+
+    def to_dict(self) -> dict[str, Any]:
+        lm = self.config.lm
+        return {
+            "format_version": self.format_version,
+            "kit_version": self.kit_version,
+            "precision": self.precision,
+            "opset": self.opset,
+            "config": self.config.to_dict(),
+            "kv_cache": {  # for readers that do not know the config's layout
+                "layout": "[layers, batch, kv_heads, capacity, head_dim]",
+                "layers": lm.layers, "kv_heads": lm.kv_heads, "head_dim": lm.head_dim,
+                "inputs": ["past_keys", "past_values"], "outputs": ["new_keys", "new_values"],
+                "shared_buffer": False,
+                "note": "outputs hold only the new positions; the runtime writes them at `position`",
+            },
+            "streaming": {"decoder_context_frames": self.decoder_context_frames},
+            "quantization": self.quantization,
+            "source": self.source,
+            "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        return cls(
+            config=DiTARConfig.from_dict(data["config"]),
+            precision=data["precision"],
+            opset=data["opset"],
+            graphs={n: GraphSpec.from_dict(n, g) for n, g in data["graphs"].items()},
+            kit_version=data["kit_version"],
+            format_version=data["format_version"],
+            quantization=data.get("quantization", {}),
+            source=data.get("source", {}),
+        )
+
+    def save(self, bundle: str | Path) -> Path:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return atomic_write(Path(bundle) / MANIFEST_FILE, lambda p: Path(p).write_text(text))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle: str | Path, verify_files: bool = True) -> Manifest:
+    """Read and check a bundle's manifest; with `verify_files`, every graph file's checksum."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a ditarkit bundle: no {MANIFEST_FILE}")
+    try:
+        data = json.loads(path.read_text())
+        version = data["format_version"]
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"{path} is not a valid manifest") from None
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{bundle} was made by ditarkit {data.get('kit_version', '?')} (bundle format {version}); "
+            f"this is ditarkit {__version__} (format {FORMAT_VERSION}): re-export it with this version"
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{path} is not a valid manifest: {err}") from None
+    missing = [n for n in GRAPH_NAMES if n not in manifest.graphs]
+    if missing:
+        raise BundleError(f"{path} lacks graphs {missing}")
+    if verify_files:
+        for graph in manifest.graphs.values():
+            verify_graph_file(bundle, graph)
+    return manifest
+
+
+def verify_graph_file(bundle: Path, graph: GraphSpec) -> None:
+    path = bundle / graph.file
+    if not path.is_file():
+        raise BundleError(f"{path} is missing from the bundle")
+    if file_sha256(path) != graph.sha256:
+        raise BundleError(f"{path} does not match its checksum in the manifest (corrupt or edited)")

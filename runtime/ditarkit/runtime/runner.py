@@ -1,0 +1,110 @@
+"""The backend interface the sampler drives, and the part every backend shares.
+
+A backend implements one method, `run(graph, feeds)`, evaluating a bundle graph by its
+manifest name; `GraphRunner` turns that into the sampler's vocabulary (embed text, step the
+LM, LocDiT velocity, VAE). The PyTorch reference, ONNX Runtime and TensorRT differ only in
+`run` (and, on a GPU, in where the KV cache lives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.manifest import (
+    LM,
+    LOCDIT,
+    PATCH_ENCODER,
+    TEXT_EMBEDDING,
+    VAE_DECODER,
+    VAE_ENCODER,
+    GraphSpec,
+)
+
+
+class Runner(Protocol):
+    """What the sampler needs. Arrays are numpy float32 and batch-free unless stated."""
+
+    config: DiTARConfig
+
+    def embed_text(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D)
+
+    def encode_patches(self, patches: np.ndarray) -> np.ndarray: ...  # (N, P, C) -> (N, D)
+
+    def new_lm_state(self, capacity: int) -> Any: ...  # room for `capacity` positions
+
+    def lm_step(self, embeds: np.ndarray, state: Any) -> tuple[np.ndarray, float]:
+        """(S, D) new positions -> LM output (D,) and stop logit, both at the last one."""
+        ...
+
+    def velocity(
+        self, x: np.ndarray, t: np.ndarray, cond: np.ndarray, history: np.ndarray
+    ) -> np.ndarray: ...  # (B, P, C), (B,), (B, D), (B, H*P, C) -> (B, P, C)
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray: ...  # (F*hop,) -> (F, C)
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray: ...  # (F, C) -> (F*hop,)
+
+
+@dataclass
+class KVCache:
+    """A preallocated host KV cache; the LM graph returns only the new slots."""
+
+    keys: np.ndarray  # (L, 1, Hkv, capacity, hd)
+    values: np.ndarray
+    position: int = 0  # filled slots
+
+    @classmethod
+    def empty(cls, config: DiTARConfig, capacity: int) -> KVCache:
+        lm = config.lm
+        shape = (lm.layers, 1, lm.kv_heads, capacity, lm.head_dim)
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+
+    def append(self, new_keys: np.ndarray, new_values: np.ndarray) -> None:
+        end = self.position + new_keys.shape[3]
+        if end > self.keys.shape[3]:
+            raise RuntimeError(f"KV cache full: {end} positions > capacity {self.keys.shape[3]}")
+        self.keys[:, :, :, self.position : end] = new_keys
+        self.values[:, :, :, self.position : end] = new_values
+        self.position = end
+
+
+class GraphRunner:
+    """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
+
+    config: DiTARConfig
+    specs: dict[str, GraphSpec]
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _call(self, name: str, **arrays: np.ndarray) -> list[np.ndarray]:
+        return self.run(name, self.specs[name].bind(**arrays))
+
+    def embed_text(self, ids: np.ndarray) -> np.ndarray:
+        return self._call(TEXT_EMBEDDING, ids=ids)[0]
+
+    def encode_patches(self, patches: np.ndarray) -> np.ndarray:
+        return self._call(PATCH_ENCODER, patches=np.ascontiguousarray(patches, np.float32))[0]
+
+    def new_lm_state(self, capacity: int) -> KVCache:
+        return KVCache.empty(self.config, capacity)
+
+    def lm_step(self, embeds: np.ndarray, state: KVCache) -> tuple[np.ndarray, float]:
+        hidden, stop, new_keys, new_values = self._call(
+            LM, embeds=embeds[None].astype(np.float32, copy=False), past_keys=state.keys,
+            past_values=state.values, position=np.array([state.position], np.int64),
+        )
+        state.append(new_keys, new_values)
+        return hidden[0], float(stop[0])
+
+    def velocity(self, x, t, cond, history) -> np.ndarray:
+        return self._call(LOCDIT, x=x, t=t, cond=cond.astype(np.float32, copy=False), history=history)[0]
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        return self._call(VAE_ENCODER, audio=audio[None].astype(np.float32, copy=False))[0][0]
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return self._call(VAE_DECODER, latents=latents[None].astype(np.float32, copy=False))[0][0]
