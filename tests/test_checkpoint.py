@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ditarkit.reference.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from safetensors.torch import load_file, save_file
+
+from ditarkit.reference.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_is_exact(tiny_model, tmp_path):

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+
 from ditarkit.export.bundle import export_bundle
 from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import TOLERANCE, check_bundle

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ditarkit.reference.runner import TorchRunner
 from ditarkit.runtime.diffusion import Schedule, guided, sample_patch, time_grid
 from ditarkit.runtime.sampler import GenerationOptions, OptionsError, explicit_noise, generate_latents

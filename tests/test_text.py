@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextError, TextFrontend, normalize, split_sentences
 

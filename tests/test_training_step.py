@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import speech_like
+
 from ditarkit.reference.losses import SpeechBatch, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import preset

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+
 from ditarkit.runtime.config import PRESETS, ConfigError, preset
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.manifest import BundleError
@@ -20,6 +21,7 @@ def log(message: str) -> None:
 
 def _load_model(checkpoint: str | None, preset_name: str | None, seed: int):
     import torch
+
     from ditarkit.reference.checkpoint import load_checkpoint
     from ditarkit.reference.default_voice import default_checkpoint
     from ditarkit.reference.model import DiTAR, perturb_weights

@@ -4,6 +4,7 @@ names, dtypes and shapes used here can never drift from the contract."""
 from __future__ import annotations
 
 import numpy as np
+
 from ditarkit.runtime.manifest import GraphSpec
 
 

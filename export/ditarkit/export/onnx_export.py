@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import torch
+
 from ditarkit.export.inputs import dims_at, example_inputs
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import GRAPH_MODULES

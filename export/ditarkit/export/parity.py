@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ditarkit.export.inputs import dims_at, example_inputs
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import TorchRunner

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.fileio import atomic_write
-from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from ditarkit.reference.model import DiTAR, SpeechVAE
 from ditarkit.runtime.diffusion import Schedule
-from torch import Tensor
 
 STFT_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))  # (n_fft, hop): fine to coarse
 

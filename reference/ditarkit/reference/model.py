@@ -14,8 +14,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ditarkit.runtime.config import DiTARConfig, TransformerConfig, VAEConfig
 from torch import Tensor, nn
+
+from ditarkit.runtime.config import DiTARConfig, TransformerConfig, VAEConfig
 
 # Additive attention mask. Finite and within fp16 range, so an fp16 graph never meets inf.
 MASK_VALUE = -30_000.0

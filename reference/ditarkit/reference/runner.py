@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.manifest import (
     LM,
@@ -21,7 +23,6 @@ from ditarkit.runtime.manifest import (
     graph_signatures,
 )
 from ditarkit.runtime.runner import GraphRunner
-from torch import Tensor, nn
 
 
 class VAEEncoderGraph(nn.Module):
@@ -93,6 +94,8 @@ GRAPH_MODULES: dict[str, type[nn.Module]] = {
 
 
 class TorchRunner(GraphRunner):
+    name = "pytorch"
+
     def __init__(self, model: DiTAR) -> None:
         self.model = model.eval()
         self.config = model.config

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ditarkit.runtime import __version__
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.fileio import atomic_write

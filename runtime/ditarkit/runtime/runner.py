@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.manifest import (
     LM,
@@ -74,6 +75,7 @@ class KVCache:
 class GraphRunner:
     """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
 
+    name: str = "graph"  # the backend's name, as reported to users
     config: DiTARConfig
     specs: dict[str, GraphSpec]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.diffusion import Schedule, sample_patch
 from ditarkit.runtime.runner import Runner

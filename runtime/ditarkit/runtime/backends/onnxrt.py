@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.manifest import (
     GRAPH_NAMES,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, BundleError, GraphSpec, load_manifest
 from ditarkit.runtime.runner import GraphRunner
 

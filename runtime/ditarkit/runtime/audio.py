@@ -1,0 +1,96 @@
+"""Reference audio in, generated audio out, without torch: soundfile reads and writes,
+soxr resamples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from ditarkit.runtime.fileio import atomic_write
+
+MIN_REFERENCE_SECONDS = 1.0  # less than this carries too little of a voice to follow
+SILENCE_DBFS = -50.0  # RMS below this (after trimming) is treated as silence
+TRIM_FRAME_SECONDS = 0.02
+TARGET_RMS_DBFS = -20.0  # references are brought to one loudness, as in training
+PEAK_LIMIT = 0.95
+
+
+class AudioError(ValueError):
+    """Reference audio that cannot be used, with the reason."""
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 and the file's sample rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"reference audio not found: {path}")
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"cannot read reference audio {path}: {err}") from None
+    return audio, rate
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    return audio.mean(axis=1) if audio.ndim == 2 else audio
+
+
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return audio.astype(np.float32, copy=False)
+    return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32)
+
+
+def dbfs(audio: np.ndarray) -> float:
+    return 20 * np.log10(max(float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))), 1e-10))
+
+
+def trim_silence(audio: np.ndarray, rate: int, threshold_dbfs: float = SILENCE_DBFS) -> np.ndarray:
+    """Cut leading and trailing frames quieter than the threshold."""
+    frame = max(1, int(TRIM_FRAME_SECONDS * rate))
+    count = len(audio) // frame
+    if count == 0:
+        return audio[:0]
+    energy = np.square(audio[: count * frame].reshape(count, frame), dtype=np.float64).mean(axis=1)
+    loud = np.flatnonzero(10 * np.log10(energy + 1e-20) > threshold_dbfs)
+    if loud.size == 0:
+        return audio[:0]
+    return audio[loud[0] * frame : (loud[-1] + 1) * frame]
+
+
+def normalize_loudness(audio: np.ndarray) -> np.ndarray:
+    """RMS to TARGET_RMS_DBFS, then scaled down if a peak would pass PEAK_LIMIT."""
+    gain = 10 ** ((TARGET_RMS_DBFS - dbfs(audio)) / 20)
+    peak = float(np.abs(audio).max()) * gain
+    if peak > PEAK_LIMIT:
+        gain *= PEAK_LIMIT / peak
+    return (audio * gain).astype(np.float32)
+
+
+def prepare_reference(
+    audio: np.ndarray, rate: int, target_rate: int, hop: int, max_seconds: float, source: str = "reference"
+) -> np.ndarray:
+    """Any rate and channel count -> mono at `target_rate`, trimmed, loudness-normalised,
+    at most `max_seconds`, a whole number of hops long. Raises AudioError if unusable."""
+    if audio.size == 0:
+        raise AudioError(f"{source} is empty")
+    mono = resample(to_mono(audio), rate, target_rate)
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{source} contains NaN or infinite samples")
+    speech = trim_silence(mono, target_rate)
+    if speech.size == 0 or dbfs(speech) < SILENCE_DBFS:
+        raise AudioError(f"{source} is silent")
+    seconds = len(speech) / target_rate
+    if seconds < MIN_REFERENCE_SECONDS:
+        raise AudioError(f"{source} has {seconds:.2f} s of sound; at least {MIN_REFERENCE_SECONDS:.1f} s is needed")
+    speech = speech[: int(max_seconds * target_rate)]
+    speech = speech[: len(speech) // hop * hop]
+    return normalize_loudness(speech)
+
+
+def write_wav(path: str | Path, audio: np.ndarray, rate: int) -> Path:
+    """16-bit PCM WAV, written atomically."""
+    return atomic_write(path, lambda tmp: sf.write(tmp, audio, rate, subtype="PCM_16", format="WAV"))

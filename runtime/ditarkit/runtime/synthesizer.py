@@ -1,0 +1,172 @@
+"""The Python API a robot embeds: load a bundle once, encode a voice once, speak many times.
+
+    synth = Synthesizer("path/to/bundle")          # graphs loaded once
+    voice = synth.voice("reference.wav")           # reference encoded once, reusable
+    for chunk in synth.stream("Hello there.", voice):
+        audio_queue.put(chunk)                     # float32 mono at synth.sample_rate
+
+A Synthesizer runs one synthesis at a time: use one per thread (its backend buffers, the
+KV cache among them, are not shared safely between concurrent calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ditarkit.runtime.audio import prepare_reference, read_audio
+from ditarkit.runtime.defaults import default_bundle_dir
+from ditarkit.runtime.manifest import BundleError
+from ditarkit.runtime.runner import GraphRunner
+from ditarkit.runtime.sampler import GenerationOptions, NoiseFn, generate_patches, seeded_noise
+from ditarkit.runtime.text import TextFrontend, split_sentences
+
+log = logging.getLogger("ditarkit")
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Voice:
+    """An encoded reference voice: VAE latents of the prepared reference audio."""
+
+    latents: np.ndarray  # (F, C)
+    seconds: float
+    source: str = "array"
+
+
+@dataclass
+class StreamStats:
+    """Filled in while a stream runs: what `ditar-run` reports."""
+
+    first_chunk_seconds: float | None = None
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    patches: int = 0
+    sentences: list[str] = field(default_factory=list)
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+
+def open_runner(bundle: str | Path, backend: str = "auto", threads: int | None = None) -> GraphRunner:
+    """ONNX Runtime or TensorRT for a bundle; "auto" takes TensorRT when its engines for this
+    GPU are in the bundle and TensorRT runs here, else ONNX Runtime."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend in ("auto", "tensorrt"):
+        from ditarkit.runtime.backends import tensorrt
+
+        reason = tensorrt.unavailable_reason()
+        if reason is None:
+            try:
+                return tensorrt.TensorRTRunner(bundle)
+            except BundleError as err:
+                if backend == "tensorrt":
+                    raise
+                log.info("TensorRT not used: %s", err)
+        elif backend == "tensorrt":
+            raise BundleError(f"TensorRT backend unavailable: {reason}")
+        else:
+            log.info("TensorRT not used: %s", reason)
+    from ditarkit.runtime.backends.onnxrt import OrtRunner
+
+    return OrtRunner(bundle, threads=threads)
+
+
+class StreamingDecoder:
+    """Turns patches into audio as they arrive. The VAE decoder is causal with a receptive
+    field of `context` frames, so decoding each new patch with that much left context gives
+    the same samples as decoding everything at the end."""
+
+    def __init__(self, runner: GraphRunner) -> None:
+        self.runner = runner
+        self.context = runner.config.vae.decoder_receptive_frames
+        self.hop = runner.config.audio.hop_length
+        self.frames: list[np.ndarray] = []  # (C,) each
+
+    def push(self, patch: np.ndarray) -> np.ndarray:
+        """(P, C) new frames -> their audio (P * hop,)."""
+        start = len(self.frames)
+        self.frames.extend(patch)
+        first = max(0, start - self.context)
+        window = np.stack(self.frames[first:])  # (context + P, C) at most
+        return self.runner.decode_latents(window)[(start - first) * self.hop :].copy()
+
+
+class Synthesizer:
+    def __init__(self, bundle: str | Path | None = None, backend: str = "auto", threads: int | None = None) -> None:
+        if bundle is None:
+            bundle = default_bundle_dir()
+            if not bundle.exists():
+                raise BundleError(f"no default bundle at {bundle}: run `ditar-export` once "
+                                  "(needs the [export] extra), or pass a bundle")
+        self.runner = open_runner(bundle, backend, threads)
+        self.backend = self.runner.name
+        self.config = self.runner.config
+        self.frontend = TextFrontend(self.config.text)
+        self.sample_rate = self.config.audio.sample_rate
+
+    def voice(self, reference: str | Path | np.ndarray, sample_rate: int | None = None) -> Voice:
+        """Encode a reference voice from a file, or from an array (samples[, channels])."""
+        if isinstance(reference, np.ndarray):
+            if sample_rate is None:
+                raise ValueError("sample_rate is required with an array reference")
+            audio, rate, source = reference, sample_rate, "array"
+        else:
+            audio, rate = read_audio(reference)
+            source = str(reference)
+        cfg = self.config
+        prepared = prepare_reference(audio, rate, cfg.audio.sample_rate, cfg.audio.hop_length,
+                                     cfg.max_prompt_seconds, source)
+        return Voice(self.runner.encode_audio(prepared), len(prepared) / cfg.audio.sample_rate, source)
+
+    def options(self, **overrides) -> GenerationOptions:
+        """The model's default options, with any given here taking precedence."""
+        return GenerationOptions.from_config(self.config, **overrides)
+
+    def stream(
+        self,
+        text: str,
+        voice: Voice,
+        options: GenerationOptions | None = None,
+        noise: NoiseFn | None = None,
+        stats: StreamStats | None = None,
+        on_patch: Callable[[int], None] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield audio chunks (one per patch, float32, copies) as they are generated. Long
+        text is split into sentences, each generated in turn with the same voice. Text is
+        checked in full before any audio is made."""
+        options = options or self.options()
+        sentences = split_sentences(text)
+        token_ids = [self.frontend.encode(s) for s in sentences]  # raises before any compute
+        if not sentences:
+            token_ids = [self.frontend.encode(text)]  # empty text: let the frontend say why
+        stats = stats if stats is not None else StreamStats()
+        stats.sentences = sentences
+        noise = noise or seeded_noise(options.seed, self.config.patch_size, self.config.audio.latent_dim)
+        start = time.perf_counter()
+        for ids in token_ids:
+            decoder = StreamingDecoder(self.runner)
+            for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
+                chunk = decoder.push(patch)
+                stats.patches += 1
+                stats.audio_seconds += len(chunk) / self.sample_rate
+                stats.wall_seconds = time.perf_counter() - start
+                if stats.first_chunk_seconds is None:
+                    stats.first_chunk_seconds = stats.wall_seconds
+                if on_patch:
+                    on_patch(stats.patches)
+                yield chunk
+
+    def synthesize(self, text: str, voice: Voice, options: GenerationOptions | None = None,
+                   noise: NoiseFn | None = None) -> np.ndarray:
+        """The whole utterance at once (float32 mono at `sample_rate`)."""
+        chunks = list(self.stream(text, voice, options, noise))
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

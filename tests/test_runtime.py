@@ -1,0 +1,170 @@
+"""The torch-free runtime: end-to-end parity with the reference, streaming, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from conftest import speech_like
+
+from ditarkit.export.bundle import export_bundle
+from ditarkit.reference.runner import TorchRunner
+from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.cli import main as run_main
+from ditarkit.runtime.manifest import MANIFEST_FILE
+from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_latents
+from ditarkit.runtime.synthesizer import Synthesizer
+
+# ORT fp32 vs PyTorch over a whole synthesis: per-graph errors ~1e-6 fed back through
+# 10 patches of 10 solver steps stay well inside 1e-4.
+END_TO_END_TOLERANCE = 1e-4
+# Streaming decodes each patch with exactly the decoder's receptive field of context:
+# only fp32 summation order differs from the offline decode.
+STREAM_TOLERANCE = 1e-5
+SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    export_bundle(tiny_model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("audio") / "voice.wav"
+    sf.write(path, speech_like(2.0), 24_000)
+    return path
+
+
+def _fixed_run(cfg):
+    noise = np.random.default_rng(7).standard_normal((40, 2, cfg.patch_size, cfg.audio.latent_dim))
+    options = GenerationOptions(max_seconds=SECONDS, stop_threshold=0.999999, temperature=0.5, cfg_scale=1.5)
+    return explicit_noise(noise.astype(np.float32)), options
+
+
+def test_runtime_reproduces_the_reference_latents_and_waveform(tiny_model, bundle):
+    torch_runner, ort_runner = TorchRunner(tiny_model), OrtRunner(bundle)
+    prompt_audio = speech_like(2.0)
+    prompts = [r.encode_audio(prompt_audio) for r in (torch_runner, ort_runner)]
+    assert np.abs(prompts[0] - prompts[1]).max() <= END_TO_END_TOLERANCE
+    noise, options = _fixed_run(tiny_model.config)
+    ids = [1, 20, 21, 22, 2]
+    want = generate_latents(torch_runner, ids, prompts[0], options, noise)
+    got = generate_latents(ort_runner, ids, prompts[1], options, noise)
+    assert want.shape == got.shape == (40, 64)
+    assert np.abs(want - got).max() <= END_TO_END_TOLERANCE * max(1.0, np.abs(want).max())
+    wave_want, wave_got = torch_runner.decode_latents(want), ort_runner.decode_latents(got)
+    assert wave_want.shape == (24_000,)
+    assert np.abs(wave_want - wave_got).max() <= END_TO_END_TOLERANCE * max(1.0, np.abs(wave_want).max())
+
+
+def test_stream_equals_offline_decoding_and_starts_after_the_first_patch(bundle, reference_wav):
+    synth = Synthesizer(bundle, backend="onnxruntime")
+    voice = synth.voice(reference_wav)
+    noise, options = _fixed_run(synth.config)
+    calls = []
+    velocity = synth.runner.velocity
+    synth.runner.velocity = lambda *a: (calls.append(1), velocity(*a))[1]
+    stream = synth.stream("hello world", voice, options, noise)
+    first = next(stream)
+    assert len(calls) == options.nfe  # only the first patch was drawn before its audio came out
+    chunks = [first, *stream]
+    assert len(first) == synth.config.patch_size * synth.config.audio.hop_length
+    ids = synth.frontend.encode("hello world")
+    offline_latents = generate_latents(synth.runner, ids, voice.latents, options, noise)
+    offline = synth.runner.decode_latents(offline_latents)
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == offline.shape
+    assert np.abs(streamed - offline).max() <= STREAM_TOLERANCE * max(1.0, np.abs(offline).max())
+
+
+def _run(args):
+    return CliRunner().invoke(run_main, ["--quiet", *args])
+
+
+def test_cli_writes_a_24khz_wav_from_a_stereo_44k_reference(bundle, tmp_path):
+    stereo = np.stack([speech_like(2.0, 44_100), speech_like(2.0, 44_100, seed=1)], axis=1)
+    sf.write(tmp_path / "stereo.wav", stereo, 44_100)
+    out = tmp_path / "out.wav"
+    result = _run(["--bundle", str(bundle), "--text", "Hello. This is a test.", "--ref",
+                   str(tmp_path / "stereo.wav"), "-o", str(out), "--max-seconds", "0.5"])
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out)
+    assert rate == 24_000 and audio.ndim == 1 and len(audio) > 0
+    assert "RTF" in result.stdout and "first chunk" in result.stdout
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def _bad_inputs(bundle, tmp, reference_wav):
+    sf.write(tmp / "silent.wav", np.zeros(48_000, np.float32), 24_000)
+    sf.write(tmp / "short.wav", speech_like(0.4), 24_000)
+    (tmp / "text.wav").write_text("this is not audio")
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    for f in bundle.iterdir():
+        (foreign / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((foreign / MANIFEST_FILE).read_text())
+    manifest.update(format_version=0, kit_version="0.0.1")
+    (foreign / MANIFEST_FILE).write_text(json.dumps(manifest))
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    for f in bundle.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "locdit.onnx").write_bytes(b"\0" * 100)
+    ok = ["--bundle", str(bundle), "--ref", str(reference_wav)]
+    return {
+        "empty text": (["--text", ""] + ok, "no speakable"),
+        "emoji only": (["--text", "\U0001f600\U0001f916"] + ok, "no speakable"),
+        "missing reference": (["--bundle", str(bundle), "--text", "hi", "--ref", str(tmp / "nope.wav")], "not found"),
+        "silent reference": (["--bundle", str(bundle), "--text", "hi", "--ref", str(tmp / "silent.wav")], "silent"),
+        "short reference": (["--bundle", str(bundle), "--text", "hi", "--ref", str(tmp / "short.wav")], "at least"),
+        "unreadable reference": (["--bundle", str(bundle), "--text", "hi", "--ref", str(tmp / "text.wav")],
+                                 "cannot read"),
+        "foreign bundle": (["--bundle", str(foreign), "--text", "hi", "--ref", str(reference_wav)], "re-export"),
+        "corrupt graph": (["--bundle", str(corrupt), "--text", "hi", "--ref", str(reference_wav)], "checksum"),
+        "bad temperature": (["--text", "hi", "--temperature", "2"] + ok, "temperature"),
+    }
+
+
+def test_every_bad_input_exits_nonzero_in_one_line_and_writes_nothing(bundle, tmp_path, reference_wav):
+    for case, (args, message) in _bad_inputs(bundle, tmp_path, reference_wav).items():
+        out = tmp_path / "out.wav"
+        result = _run([*args, "-o", str(out)])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1, (case, result.output)
+        assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], (case, lines)
+        assert not out.exists(), case
+        assert not list(tmp_path.glob(".out.wav*")), case
+
+
+BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_runtime_imports_and_runs_without_torch(bundle, reference_wav, tmp_path):
+    out = tmp_path / "out.wav"
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from ditarkit.runtime.cli import main
+        main(["--quiet", "--bundle", {str(bundle)!r}, "--ref", {str(reference_wav)!r}, "--text", "hi there",
+              "-o", {str(out)!r}, "--max-seconds", "0.3"], standalone_mode=False)
+        assert "torch" not in sys.modules
+        print("ran without torch")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ran without torch" in result.stdout
+    assert sf.info(str(out)).samplerate == 24_000
