@@ -25,16 +25,16 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ditarkit.reference.checkpoint import load_checkpoint, save_checkpoint
+from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from ditarkit.reference.losses import SpeechBatch, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.audio import normalize_loudness
 from ditarkit.runtime.config import DiTARConfig, preset
 from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.manifest import file_sha256
 from ditarkit.runtime.text import TextFrontend
 
 STATE_FILE = "trainer.pt"  # optimizer and step, beside the model checkpoint of a stage
-LATENTS_FILE = "latents.npz"
 
 
 def log(message: str) -> None:
@@ -197,22 +197,22 @@ def set_latent_statistics(model: DiTAR, corpus: list[Utterance], audio: AudioCac
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_corpus(model: DiTAR, corpus: list[Utterance], run: Path, device: str) -> dict[str, np.ndarray]:
-    """Normalised latents of every utterance, cached in the run folder (fp16)."""
-    path = run / LATENTS_FILE
-    if path.is_file():
-        cached = dict(np.load(path))
-        if all(u.id in cached for u in corpus):
-            return {k: v.astype(np.float32) for k, v in cached.items()}
+    """Normalised latents of every utterance, cached in the run folder (fp16), keyed by the
+    VAE checkpoint they came from."""
+    path = run / f"latents-{file_sha256(run / 'vae' / WEIGHTS_FILE)[:12]}.npz"
+    latents = {k: v.astype(np.float32) for k, v in np.load(path).items()} if path.is_file() else {}
+    missing = [u for u in corpus if u.id not in latents]  # the corpus may have grown since
+    if not missing:
+        return latents
     model.eval()
     audio = AudioCache(model.config.audio.sample_rate)
     hop = model.config.audio.hop_length
-    latents = {}
-    for index, item in enumerate(corpus):
+    for index, item in enumerate(missing):
         wav = audio(item.path)
         wav = wav[: len(wav) // hop * hop]
         latents[item.id] = model.vae.encode(torch.from_numpy(wav)[None].to(device))[0].cpu().numpy()
         if index % 500 == 0:
-            log(f"encoding corpus: {index}/{len(corpus)}")
+            log(f"encoding corpus: {index}/{len(missing)} new utterances")
     atomic_write(path, lambda tmp: _save_npz(tmp, {k: v.astype(np.float16) for k, v in latents.items()}))
     return latents
 
