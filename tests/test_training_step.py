@@ -52,3 +52,21 @@ def test_vae_step_lowers_the_loss_on_a_repeated_batch():
     torch.manual_seed(1)
     after = vae_loss(model.vae, audio)
     assert float(after["loss"]) < 0.95 * float(first["loss"])
+
+
+def test_alignment_loss_prefers_diagonal_attention():
+    from ditarkit.reference.losses import guided_attention_loss
+
+    n, t = 6, 6
+    diagonal = torch.eye(n)[None, None, None].expand(1, 1, 1, n, t)  # (L, B, H, S, S)
+    reversed_ = diagonal.flip(-1)
+    spans = [(0, 0, n)]
+    assert float(guided_attention_loss([diagonal[0]], [t], spans)) < 0.1
+    assert float(guided_attention_loss([reversed_[0]], [t], spans)) > 0.5
+
+
+def test_ditar_loss_reports_alignment_when_asked():
+    torch.manual_seed(0)
+    model = DiTAR(preset("tiny"))
+    losses = ditar_loss(model, _batch(model.config), alignment_weight=1.0)
+    assert 0.0 < float(losses["alignment"]) < 1.0

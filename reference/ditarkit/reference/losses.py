@@ -34,8 +34,15 @@ class SpeechBatch:
 
 
 def ditar_loss(
-    model: DiTAR, batch: SpeechBatch, diffusion_samples: int = 1, stop_weight: float = 1.0
+    model: DiTAR,
+    batch: SpeechBatch,
+    diffusion_samples: int = 1,
+    stop_weight: float = 1.0,
+    alignment_weight: float = 0.0,
 ) -> dict[str, Tensor]:
+    """`alignment_weight` > 0 adds a guided-attention loss (training only; the graphs do not
+    change) that pulls the speech-to-text attention toward the diagonal, which is what small
+    data fails to learn first."""
     cfg = model.config
     p, h = cfg.patch_size, cfg.history_patches
     sequences, targets, histories, hidden_index, stop_labels = [], [], [], [], []
@@ -58,7 +65,14 @@ def ditar_loss(
         stop_labels.append((b, first, labels))
 
     embeds = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # (B, S, D), right-padded
-    hidden, stop_logits, _, _ = model.lm(embeds)  # causal: padding at the end is never seen
+    attentions = [block.attn for block in model.lm.transformer.blocks]
+    for attn in attentions:
+        attn.record_probs = alignment_weight > 0
+    try:
+        hidden, stop_logits, _, _ = model.lm(embeds)  # causal: padding at the end is never seen
+    finally:
+        for attn in attentions:
+            attn.record_probs = False
     rows, cols = zip(*hidden_index)
     cond = hidden[list(rows), list(cols)]  # (N, D)
     x0 = torch.cat(targets)  # (N, P, C)
@@ -69,7 +83,28 @@ def ditar_loss(
         F.binary_cross_entropy_with_logits(stop_logits[b, first : first + len(lab)], lab)
         for b, first, lab in stop_labels
     ]).mean()
-    return {"loss": diffusion + stop_weight * stop, "diffusion": diffusion, "stop": stop}
+    losses = {"loss": diffusion + stop_weight * stop, "diffusion": diffusion, "stop": stop}
+    if alignment_weight > 0:
+        text_lengths = [int(n) for n in batch.text_lengths]
+        spans = [(b, first, len(lab)) for b, first, lab in stop_labels]
+        losses["alignment"] = guided_attention_loss([a.probs for a in attentions], text_lengths, spans)
+        losses["loss"] = losses["loss"] + alignment_weight * losses["alignment"]
+    return losses
+
+
+def guided_attention_loss(probs: list[Tensor], text_lengths: list[int], spans, width: float = 0.2) -> Tensor:
+    """DC-TTS guided attention: attention of speech position n (of N) to text token t (of T)
+    costs 1 - exp(-(n/N - t/T)^2 / 2 width^2), averaged over layers and heads.
+    spans: (batch row, first speech position, speech positions) per utterance."""
+    mean_probs = torch.stack(probs).mean(dim=(0, 2))  # (B, S, S): over layers and heads
+    total = mean_probs.new_zeros(())
+    for (b, first, count), text in zip(spans, text_lengths):
+        attention = mean_probs[b, first : first + count, :text]  # (N, T)
+        n = (torch.arange(count, dtype=attention.dtype) + 0.5) / count
+        t = (torch.arange(text, dtype=attention.dtype) + 0.5) / text
+        cost = 1.0 - torch.exp(-((n[:, None] - t[None, :]) ** 2) / (2 * width**2))
+        total = total + (attention * cost).sum(dim=1).mean()
+    return total / len(spans)
 
 
 def _velocity_loss(model: DiTAR, dcfg, x0: Tensor, cond: Tensor, history: Tensor, samples: int) -> Tensor:

@@ -64,6 +64,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+        self.record_probs = False  # training only: keep attention maps for the alignment loss
+        self.probs: Tensor | None = None
 
     def forward(
         self,
@@ -85,7 +87,9 @@ class Attention(nn.Module):
         scores = q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, S, K)
         if mask is not None:
             scores = scores + mask
-        out = scores.softmax(dim=-1) @ values  # (B, H, S, hd)
+        probs = scores.softmax(dim=-1)  # (B, H, S, K)
+        self.probs = probs if self.record_probs else None
+        out = probs @ values  # (B, H, S, hd)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.o(out), k, v
 

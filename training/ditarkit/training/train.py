@@ -283,7 +283,8 @@ def train_ditar(args) -> None:
     model.train()
     model.vae.eval()
     stage.run(lambda: train_step(stage.optimizer, ditar_loss, model, batches(args.device),
-                                 diffusion_samples=args.diffusion_samples), args.minutes, args.steps)
+                                 diffusion_samples=args.diffusion_samples,
+                                 alignment_weight=args.alignment_weight), args.minutes, args.steps)
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--crop-seconds", type=float, default=1.0, help="VAE training crops")
     parser.add_argument("--max-target-seconds", type=float, default=8.0)
-    parser.add_argument("--diffusion-samples", type=int, default=4)
+    parser.add_argument("--diffusion-samples", type=int, default=2, help="noise levels drawn per patch")
+    parser.add_argument("--alignment-weight", type=float, default=1.0, help="guided-attention loss weight")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="ship: checkpoint folder (default: the embedded default voice)")
