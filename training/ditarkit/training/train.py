@@ -137,13 +137,21 @@ class Stage:
 
 
 def _model_for(run: Path, stage: str, config: DiTARConfig, device: str) -> DiTAR:
-    """The stage's own checkpoint if it exists (resume), else the previous stage's, else new."""
-    order = ["vae", "ditar"]
-    for name in reversed(order[: order.index(stage) + 1]):
-        if (run / name / "model.safetensors").is_file():
-            log(f"{stage}: starting from {run / name}")
-            return load_checkpoint(run / name).to(device)
-    return DiTAR(config).to(device)
+    """Resume from the stage's own checkpoint if it exists. A new DiTAR stage is built from
+    the preset and takes only the VAE (weights and latent statistics) from the VAE stage, so
+    the preset, not the VAE run, decides the sizes of the LM and LocDiT."""
+    own = run / stage
+    if (own / WEIGHTS_FILE).is_file():
+        log(f"{stage}: resuming from {own}")
+        return load_checkpoint(own).to(device)
+    model = DiTAR(config)
+    if stage == "ditar":
+        vae = load_checkpoint(run / "vae")
+        if (vae.config.audio, vae.config.vae) != (config.audio, config.vae):
+            raise SystemExit(f"error: the VAE in {run / 'vae'} was trained for another audio/VAE config")
+        model.vae.load_state_dict(vae.vae.state_dict())
+        log(f"ditar: new {config.name} model on the VAE of {run / 'vae'}")
+    return model.to(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,9 +280,9 @@ class DiTARBatches:
 
 def train_ditar(args) -> None:
     corpus = read_corpus(args.corpus)
-    model = _model_for(args.run, "ditar", preset(args.preset), args.device)
-    if not (args.run / "vae" / "model.safetensors").is_file():
+    if not (args.run / "vae" / WEIGHTS_FILE).is_file():
         raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...)")
+    model = _model_for(args.run, "ditar", preset(args.preset), args.device)
     latents = encode_corpus(model, corpus, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     model.vae.requires_grad_(False)
