@@ -15,7 +15,7 @@ from conftest import speech_like
 
 from ditarkit.export.bundle import export_bundle
 from ditarkit.reference.runner import TorchRunner
-from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.backends.onnxrt import OrtIOBindingRunner, OrtRunner
 from ditarkit.runtime.cli import main as run_main
 from ditarkit.runtime.manifest import MANIFEST_FILE
 from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_latents
@@ -64,6 +64,16 @@ def test_runtime_reproduces_the_reference_latents_and_waveform(tiny_model, bundl
     wave_want, wave_got = torch_runner.decode_latents(want), ort_runner.decode_latents(got)
     assert wave_want.shape == (24_000,)
     assert np.abs(wave_want - wave_got).max() <= END_TO_END_TOLERANCE * max(1.0, np.abs(wave_want).max())
+
+
+def test_io_binding_runner_keeps_the_cache_in_place_and_matches(bundle):
+    """The device-resident KV path (run here with host memory) gives the plain runner's result."""
+    plain, bound = OrtRunner(bundle), OrtIOBindingRunner(bundle, device="cpu")
+    prompt = plain.encode_audio(speech_like(2.0))
+    noise, options = _fixed_run(plain.config)
+    want = generate_latents(plain, [1, 30, 31, 2], prompt, options, noise)
+    got = generate_latents(bound, [1, 30, 31, 2], prompt, options, noise)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_stream_equals_offline_decoding_and_starts_after_the_first_patch(bundle, reference_wav):

@@ -75,8 +75,10 @@ def open_runner(bundle: str | Path, backend: str = "auto", threads: int | None =
             raise BundleError(f"TensorRT backend unavailable: {reason}")
         else:
             log.info("TensorRT not used: %s", reason)
-    from ditarkit.runtime.backends.onnxrt import OrtRunner
+    from ditarkit.runtime.backends.onnxrt import CUDA, OrtIOBindingRunner, OrtRunner, ort
 
+    if CUDA in ort.get_available_providers():
+        return OrtIOBindingRunner(bundle, device="cuda", threads=threads)  # KV cache stays on the GPU
     return OrtRunner(bundle, threads=threads)
 
 

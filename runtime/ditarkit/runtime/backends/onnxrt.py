@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from ditarkit.runtime.backends.cuda import Copy2D, cuda_copy2d, host_copy2d, insert_slots, load_cudart
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.manifest import (
     GRAPH_NAMES,
+    LM,
     META_SIGNATURE,
     BundleError,
     GraphSpec,
@@ -79,3 +82,62 @@ class OrtRunner(GraphRunner):
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[name].run(self.specs[name].output_names, feeds)
+
+
+@dataclass
+class BoundKVCache:
+    """The runner's device-resident cache in use by one synthesis."""
+
+    capacity: int
+    position: int = 0
+
+
+class OrtIOBindingRunner(OrtRunner):
+    """ONNX Runtime with IO binding: the KV cache lives in OrtValues on the session's device
+    (CUDA where onnxruntime-gpu is installed), is read in place by every LM step and never
+    crosses to the host; each step's new slots are copied into it with one 2-D copy. On the
+    CPU the same path runs with host memory, which is how it is tested without a GPU."""
+
+    name = "onnxruntime-iobinding"
+
+    def __init__(self, bundle: str | Path, device: str = "cuda", threads: int | None = None,
+                 verify_files: bool = True) -> None:
+        providers = [CUDA, CPU] if device == "cuda" else [CPU]
+        super().__init__(bundle, providers=providers, threads=threads, verify_files=verify_files)
+        self.device = device
+        lm = self.config.lm
+        self._max_capacity = self.specs[LM].dims["capacity"][2]
+        shape = (lm.layers, 1, lm.kv_heads, self._max_capacity, lm.head_dim)
+        # Allocated once at the largest capacity and zeroed (slots past `position` are masked,
+        # but never-written memory could hold inf/NaN, which no additive mask hides).
+        self.kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0) for _ in range(2)]
+        self.copy2d: Copy2D = host_copy2d if device == "cpu" else cuda_copy2d(load_cudart())
+
+    def new_lm_state(self, capacity: int) -> BoundKVCache:
+        if capacity > self._max_capacity:
+            raise RuntimeError(f"KV cache of {capacity} positions exceeds the bundle's {self._max_capacity}")
+        return BoundKVCache(capacity)
+
+    def lm_step(self, embeds: np.ndarray, state: BoundKVCache) -> tuple[np.ndarray, float]:
+        lm, steps = self.config.lm, embeds.shape[0]
+        if state.position + steps > state.capacity:
+            raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
+        session = self.sessions[LM]
+        binding = session.io_binding()
+        binding.bind_cpu_input("embeds", np.ascontiguousarray(embeds[None], np.float32))
+        binding.bind_cpu_input("position", np.array([state.position], np.int64))
+        shape = [lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim]
+        for name, cache in zip(("past_keys", "past_values"), self.kv):
+            binding.bind_input(name, self.device, 0, np.float32, shape, cache.data_ptr())
+        binding.bind_output("hidden", "cpu")
+        binding.bind_output("stop_logit", "cpu")
+        binding.bind_output("new_keys", self.device)
+        binding.bind_output("new_values", self.device)
+        session.run_with_iobinding(binding)
+        hidden, stop, new_keys, new_values = binding.get_outputs()
+        for new, cache in ((new_keys, self.kv[0]), (new_values, self.kv[1])):
+            insert_slots(self.copy2d, cache.data_ptr(), new.data_ptr(), state.position, steps, state.capacity,
+                         lm.layers * lm.kv_heads, lm.head_dim)
+        state.position += steps
+        return hidden.numpy()[0], float(stop.numpy()[0])
+

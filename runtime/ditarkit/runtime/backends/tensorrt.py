@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditarkit.runtime.backends.cuda import check, cuda_copy2d, insert_slots, load_cudart
 from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, BundleError, GraphSpec, load_manifest
 from ditarkit.runtime.runner import GraphRunner
 
@@ -33,22 +34,6 @@ class TensorRTUnavailable(RuntimeError):
     pass
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # older cuda-python
-    return cudart
-
-
-def _cuda(result):
-    """cuda-python returns (error, *values); raise on error, return the values."""
-    error, *values = result
-    if int(error) != 0:
-        raise RuntimeError(f"CUDA call failed: {error}")
-    return values[0] if len(values) == 1 else values
-
-
 def unavailable_reason() -> str | None:
     """None when engines can be built and run here, else why not, in one line."""
     try:
@@ -56,7 +41,7 @@ def unavailable_reason() -> str | None:
     except ImportError:
         return "the tensorrt Python package is not installed"
     try:
-        count = _cuda(_cudart().cudaGetDeviceCount())
+        count = check(load_cudart().cudaGetDeviceCount())
     except Exception:  # no driver, no cuda-python: both mean no usable GPU
         return "no CUDA device or cuda-python is not installed"
     return None if count > 0 else "no CUDA device"
@@ -65,7 +50,7 @@ def unavailable_reason() -> str | None:
 def device_key() -> str:
     import tensorrt as trt
 
-    props = _cuda(_cudart().cudaGetDeviceProperties(0))
+    props = check(load_cudart().cudaGetDeviceProperties(0))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return f"{name} sm{props.major}{props.minor} TensorRT {trt.__version__}"
 
@@ -146,9 +131,9 @@ class TensorRTRunner(GraphRunner):
         bundle = Path(bundle)
         self.manifest = load_manifest(bundle)
         self.config, self.specs = self.manifest.config, self.manifest.graphs
-        self.cudart = _cudart()
+        self.cudart = load_cudart()
         self._buffers: list[DeviceBuffer] = []
-        self.stream = _cuda(self.cudart.cudaStreamCreate())
+        self.stream = check(self.cudart.cudaStreamCreate())
         paths = self._engine_paths(bundle)
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         self.engines = {n: runtime.deserialize_cuda_engine(p.read_bytes()) for n, p in paths.items()}
@@ -156,8 +141,10 @@ class TensorRTRunner(GraphRunner):
         # One buffer per I/O tensor, sized for the manifest's maximum shapes, allocated once.
         self.io = {n: self._allocate_io(self.specs[n]) for n in GRAPH_NAMES}
         # The KV cache too, at the largest capacity; each synthesis reuses it (the LM masks
-        # every slot at or past `position`, so stale contents are never read).
+        # every slot at or past `position`, so stale, finite contents are never read).
         self.kv = (self.io[LM]["past_keys"], self.io[LM]["past_values"])
+        for buffer in self.kv:  # never-written memory could hold inf/NaN, which no mask hides
+            check(self.cudart.cudaMemset(buffer.ptr, 0, buffer.nbytes))
         self.cuda_graphs = cuda_graphs
         self._graph_exec: dict[tuple, object] = {}
 
@@ -178,7 +165,7 @@ class TensorRTRunner(GraphRunner):
         return paths
 
     def _malloc(self, nbytes: int) -> DeviceBuffer:
-        buffer = DeviceBuffer(_cuda(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes)
+        buffer = DeviceBuffer(check(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes)
         self._buffers.append(buffer)
         return buffer
 
@@ -190,7 +177,7 @@ class TensorRTRunner(GraphRunner):
         }
 
     def _copy(self, dst: int, src: int, nbytes: int, kind) -> None:
-        _cuda(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream))
+        check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream))
 
     def _upload(self, buffer: DeviceBuffer, array: np.ndarray) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -219,11 +206,11 @@ class TensorRTRunner(GraphRunner):
         if key not in self._graph_exec:
             context.execute_async_v3(self.stream)  # warm-up outside capture, as TensorRT asks
             mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _cuda(self.cudart.cudaStreamBeginCapture(self.stream, mode))
+            check(self.cudart.cudaStreamBeginCapture(self.stream, mode))
             context.execute_async_v3(self.stream)
-            graph = _cuda(self.cudart.cudaStreamEndCapture(self.stream))
-            self._graph_exec[key] = _cuda(self.cudart.cudaGraphInstantiate(graph, 0))
-        _cuda(self.cudart.cudaGraphLaunch(self._graph_exec[key], self.stream))
+            graph = check(self.cudart.cudaStreamEndCapture(self.stream))
+            self._graph_exec[key] = check(self.cudart.cudaGraphInstantiate(graph, 0))
+        check(self.cudart.cudaGraphLaunch(self._graph_exec[key], self.stream))
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         spec, io = self.specs[name], self.io[name]
@@ -233,7 +220,7 @@ class TensorRTRunner(GraphRunner):
         self._execute(name, {k: a.shape for k, a in arrays.items()}, {k: b.ptr for k, b in io.items()})
         context = self.contexts[name]
         outs = [self._download(io[t.name], tuple(context.get_tensor_shape(t.name)), t.dtype) for t in spec.outputs]
-        _cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        check(self.cudart.cudaStreamSynchronize(self.stream))
         return outs
 
     # -- KV cache kept on the GPU ------------------------------------------------------
@@ -259,18 +246,14 @@ class TensorRTRunner(GraphRunner):
             self._insert(io[new], cache, state, steps)
         hidden = self._download(io["hidden"], (1, lm.dim), np.float32)
         stop = self._download(io["stop_logit"], (1,), np.float32)
-        _cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        check(self.cudart.cudaStreamSynchronize(self.stream))
         state.position += steps
         return hidden[0], float(stop[0])
 
     def _insert(self, new: DeviceBuffer, cache: DeviceBuffer, state: DeviceKVCache, steps: int) -> None:
-        """Copy (L*Hkv rows of steps*hd) into the cache rows at `position`: one 2-D copy."""
         lm = self.config.lm
-        row = steps * lm.head_dim * 4
-        pitch = state.capacity * lm.head_dim * 4
-        dst = cache.ptr + state.position * lm.head_dim * 4
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        _cuda(self.cudart.cudaMemcpy2DAsync(dst, pitch, new.ptr, row, row, lm.layers * lm.kv_heads, kind, self.stream))
+        insert_slots(cuda_copy2d(self.cudart, self.stream), cache.ptr, new.ptr, state.position, steps,
+                     state.capacity, lm.layers * lm.kv_heads, lm.head_dim)
 
     def close(self) -> None:
         for buffer in self._buffers:
