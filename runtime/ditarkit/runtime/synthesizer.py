@@ -24,7 +24,7 @@ from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.manifest import BundleError
 from ditarkit.runtime.runner import GraphRunner
 from ditarkit.runtime.sampler import GenerationOptions, NoiseFn, generate_patches, seeded_noise
-from ditarkit.runtime.text import TextFrontend, split_sentences
+from ditarkit.runtime.text import TextError, TextFrontend, split_sentences
 
 log = logging.getLogger("ditarkit")
 
@@ -146,10 +146,7 @@ class Synthesizer:
         text is split into sentences, each generated in turn with the same voice. Text is
         checked in full before any audio is made."""
         options = options or self.options()
-        sentences = split_sentences(text)
-        token_ids = [self.frontend.encode(s) for s in sentences]  # raises before any compute
-        if not sentences:
-            token_ids = [self.frontend.encode(text)]  # empty text: let the frontend say why
+        sentences, token_ids = self._encode_sentences(text)  # raises before any compute
         stats = stats if stats is not None else StreamStats()
         stats.sentences = sentences
         noise = noise or seeded_noise(options.seed, self.config.patch_size, self.config.audio.latent_dim)
@@ -166,6 +163,21 @@ class Synthesizer:
                 if on_patch:
                     on_patch(stats.patches)
                 yield chunk
+
+    def _encode_sentences(self, text: str) -> tuple[list[str], list[list[int]]]:
+        """Sentences with something to say and their ids; a piece with nothing speakable
+        (an emoji between sentences) is skipped, text with nothing at all is refused."""
+        kept = []
+        for sentence in split_sentences(text):
+            try:
+                kept.append((sentence, self.frontend.encode(sentence)))
+            except TextError as err:
+                if "no speakable" not in str(err):
+                    raise
+        if not kept:
+            self.frontend.encode(text)  # raises the frontend's own reason
+            raise TextError(f"no speakable characters in text {text[:40]!r}")
+        return [s for s, _ in kept], [ids for _, ids in kept]
 
     def synthesize(self, text: str, voice: Voice, options: GenerationOptions | None = None,
                    noise: NoiseFn | None = None) -> np.ndarray:
