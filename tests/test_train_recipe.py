@@ -42,3 +42,7 @@ def test_recipe_trains_both_stages_resumes_and_ships(tmp_path):
     main(["ship", "--run", str(run), "--out", str(tmp_path / "shipped")])
     shipped = load_checkpoint(tmp_path / "shipped")
     assert shipped.config == trained.config
+    # On a fresh machine, training goes on from the shipped checkpoint.
+    fresh = ["--corpus", str(corpus), "--run", str(tmp_path / "fresh"), "--preset", "tiny", "--batch", "2"]
+    main(["ditar", *fresh, "--steps", "1", "--max-target-seconds", "3", "--init-from", str(tmp_path / "shipped")])
+    assert torch.load(tmp_path / "fresh" / "ditar" / STATE_FILE, weights_only=True)["step"] == 1

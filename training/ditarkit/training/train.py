@@ -12,6 +12,7 @@ away mid-run, rerunning the same command goes on where it stopped. Works on CPU 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import signal
@@ -31,7 +32,6 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.audio import normalize_loudness
 from ditarkit.runtime.config import DiTARConfig, preset
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.manifest import file_sha256
 from ditarkit.runtime.text import TextFrontend
 
 STATE_FILE = "trainer.pt"  # optimizer and step, beside the model checkpoint of a stage
@@ -136,14 +136,19 @@ class Stage:
         log(f"{self.name}: saved at step {self.step} in {self.dir}")
 
 
-def _model_for(run: Path, stage: str, config: DiTARConfig, device: str) -> DiTAR:
-    """Resume from the stage's own checkpoint if it exists. A new DiTAR stage is built from
-    the preset and takes only the VAE (weights and latent statistics) from the VAE stage, so
-    the preset, not the VAE run, decides the sizes of the LM and LocDiT."""
+def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None) -> DiTAR:
+    """Resume from the stage's own checkpoint if it exists, else start from `init_from` (a
+    whole checkpoint, such as the shipped default voice: how training goes on on a fresh
+    machine). A new DiTAR stage is otherwise built from the preset and takes only the VAE
+    (weights and latent statistics) from the VAE stage, so the preset, not the VAE run,
+    decides the sizes of the LM and LocDiT."""
     own = run / stage
     if (own / WEIGHTS_FILE).is_file():
         log(f"{stage}: resuming from {own}")
         return load_checkpoint(own).to(device)
+    if init_from:
+        log(f"{stage}: starting from {init_from}")
+        return load_checkpoint(init_from).to(device)
     model = DiTAR(config)
     if stage == "ditar":
         vae = load_checkpoint(run / "vae")
@@ -159,7 +164,7 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str) -> DiTAR
 # --------------------------------------------------------------------------------------
 def train_vae(args) -> None:
     corpus = read_corpus(args.corpus)
-    model = _model_for(args.run, "vae", preset(args.preset), args.device)
+    model = _model_for(args.run, "vae", preset(args.preset), args.device, args.init_from)
     cfg = model.config
     audio = AudioCache(cfg.audio.sample_rate)
     crop = int(args.crop_seconds * cfg.audio.frame_rate) * cfg.audio.hop_length
@@ -206,8 +211,8 @@ def set_latent_statistics(model: DiTAR, corpus: list[Utterance], audio: AudioCac
 @torch.no_grad()
 def encode_corpus(model: DiTAR, corpus: list[Utterance], run: Path, device: str) -> dict[str, np.ndarray]:
     """Normalised latents of every utterance, cached in the run folder (fp16), keyed by the
-    VAE checkpoint they came from."""
-    path = run / f"latents-{file_sha256(run / 'vae' / WEIGHTS_FILE)[:12]}.npz"
+    VAE weights they came from."""
+    path = run / f"latents-{vae_fingerprint(model)}.npz"
     latents = {k: v.astype(np.float32) for k, v in np.load(path).items()} if path.is_file() else {}
     missing = [u for u in corpus if u.id not in latents]  # the corpus may have grown since
     if not missing:
@@ -223,6 +228,14 @@ def encode_corpus(model: DiTAR, corpus: list[Utterance], run: Path, device: str)
             log(f"encoding corpus: {index}/{len(missing)} new utterances")
     atomic_write(path, lambda tmp: _save_npz(tmp, {k: v.astype(np.float16) for k, v in latents.items()}))
     return latents
+
+
+def vae_fingerprint(model: DiTAR) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -280,9 +293,9 @@ class DiTARBatches:
 
 def train_ditar(args) -> None:
     corpus = read_corpus(args.corpus)
-    if not (args.run / "vae" / WEIGHTS_FILE).is_file():
-        raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...)")
-    model = _model_for(args.run, "ditar", preset(args.preset), args.device)
+    if not (args.run / "vae" / WEIGHTS_FILE).is_file() and not args.init_from:
+        raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...) or give --init-from")
+    model = _model_for(args.run, "ditar", preset(args.preset), args.device, args.init_from)
     latents = encode_corpus(model, corpus, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     model.vae.requires_grad_(False)
@@ -326,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="ship: checkpoint folder (default: the embedded default voice)")
+    parser.add_argument("--init-from", type=Path, help="a checkpoint to start a stage from when it has none of its own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.threads:
