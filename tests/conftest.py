@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the reference model needs torch (pip install -e .[test])")
 
+from ditarkit.bench.signals import speech_like  # noqa: E402, F401  (tests import it from here)
 from ditarkit.reference.model import DiTAR, perturb_weights  # noqa: E402
 from ditarkit.runtime.config import preset  # noqa: E402
 
@@ -22,14 +23,3 @@ def tiny_model() -> DiTAR:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(SEED)
-
-
-def speech_like(seconds: float, sample_rate: int = 24_000, seed: int = 0) -> np.ndarray:
-    """A voiced, amplitude-modulated harmonic signal: enough like speech for shape and
-    pipeline tests, and never silent."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t + seed)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
-    return (0.2 * voice * envelope).astype(np.float32)

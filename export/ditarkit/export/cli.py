@@ -19,7 +19,7 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _load_model(checkpoint: str | None, preset_name: str | None, seed: int):
+def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
     import torch
 
     from ditarkit.reference.checkpoint import load_checkpoint
@@ -68,7 +68,7 @@ def main(checkpoint, preset_name, out, fp16, opset, trt, parity, seed) -> None:
     out = Path(out) if out else default_bundle_dir(precision)
     try:
         start = time.perf_counter()
-        model, source = _load_model(checkpoint, preset_name, seed)
+        model, source = load_model(checkpoint, preset_name, seed)
         log(f"model: {model.config.name}, {model.num_parameters() / 1e6:.1f}M parameters")
         manifest = export_bundle(model, out, fp16=fp16, opset=opset, source=source, log=log)
         results = []

@@ -104,6 +104,7 @@ class TorchRunner(GraphRunner):
 
     @torch.inference_mode()
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = (torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.specs[name].input_names)
+        device = self.model.text_embedding.weight.device  # CPU, or CUDA for GPU measurements
+        args = (torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in self.specs[name].input_names)
         out = self.graphs[name](*args)
-        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+        return [o.cpu().numpy() for o in (out if isinstance(out, tuple) else (out,))]

@@ -109,9 +109,19 @@ class Synthesizer:
             if not bundle.exists():
                 raise BundleError(f"no default bundle at {bundle}: run `ditar-export` once "
                                   "(needs the [export] extra), or pass a bundle")
-        self.runner = open_runner(bundle, backend, threads)
-        self.backend = self.runner.name
-        self.config = self.runner.config
+        self._attach(open_runner(bundle, backend, threads))
+
+    @classmethod
+    def from_runner(cls, runner: GraphRunner) -> Synthesizer:
+        """Wrap a runner made elsewhere (the PyTorch reference in benchmarks, say)."""
+        synth = cls.__new__(cls)
+        synth._attach(runner)
+        return synth
+
+    def _attach(self, runner: GraphRunner) -> None:
+        self.runner = runner
+        self.backend = runner.name
+        self.config = runner.config
         self.frontend = TextFrontend(self.config.text)
         self.sample_rate = self.config.audio.sample_rate
 
