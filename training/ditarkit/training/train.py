@@ -112,7 +112,9 @@ class Stage:
 
     def run(self, step_fn, minutes: float, max_steps: int | None, every: float = 300.0, log_every: int = 50):
         start = last_save = time.time()
+        first_step = self.step
         totals: dict[str, float] = defaultdict(float)
+        summed = 0
         history = self.dir / "log.jsonl"
         while not self.stop_requested:
             if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
@@ -121,10 +123,12 @@ class Stage:
             for key, value in step_fn().items():
                 totals[key] += value
             self.step += 1
+            summed += 1
             if self.step % log_every == 0:
-                means = {k: v / log_every for k, v in totals.items()}
+                means = {k: v / summed for k, v in totals.items()}
                 totals.clear()
-                rate = self.step / max(time.time() - start, 1e-9)
+                summed = 0
+                rate = (self.step - first_step) / max(time.time() - start, 1e-9)
                 log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     + f" ({rate:.2f} steps/s)")
                 with history.open("a") as fh:
