@@ -93,13 +93,17 @@ def ditar_loss(
 
 
 def guided_attention_loss(probs: list[Tensor], text_lengths: list[int], spans, width: float = 0.2) -> Tensor:
-    """DC-TTS guided attention: attention of speech position n (of N) to text token t (of T)
-    costs 1 - exp(-(n/N - t/T)^2 / 2 width^2), averaged over layers and heads.
+    """DC-TTS guided attention: attention of speech position n (of N) to text token t (of T),
+    renormalised over the text, costs 1 - exp(-(n/N - t/T)^2 / 2 width^2); attention is
+    averaged over layers and heads.
     spans: (batch row, first speech position, speech positions) per utterance."""
     mean_probs = torch.stack(probs).mean(dim=(0, 2))  # (B, S, S): over layers and heads
     total = mean_probs.new_zeros(())
     for (b, first, count), text in zip(spans, text_lengths):
         attention = mean_probs[b, first : first + count, :text]  # (N, T)
+        # Where each speech position looks *within the text*: most of its attention may go to
+        # the prompt and earlier speech, and that share must not hide a misaligned rest.
+        attention = attention / attention.sum(dim=1, keepdim=True).clamp(min=1e-6)
         n = (torch.arange(count, dtype=attention.dtype) + 0.5) / count
         t = (torch.arange(text, dtype=attention.dtype) + 0.5) / text
         cost = 1.0 - torch.exp(-((n[:, None] - t[None, :]) ** 2) / (2 * width**2))
