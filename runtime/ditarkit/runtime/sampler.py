@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.config import DiTARConfig, patches_in
 from ditarkit.runtime.diffusion import Schedule, sample_patch
 from ditarkit.runtime.runner import Runner
 
@@ -95,7 +95,7 @@ def generate_patches(
     noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
     schedule = Schedule(cfg.diffusion.schedule)
     prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
-    max_patches = max(1, min(cfg.max_patches, int(options.max_seconds / cfg.patch_seconds)))
+    max_patches = max(1, min(cfg.max_patches, patches_in(options.max_seconds, cfg.patch_seconds)))
 
     prefix = np.concatenate([
         runner.embed_text(np.asarray(text_ids, dtype=np.int64)),  # (T, D)

@@ -30,7 +30,7 @@ from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, save_ch
 from ditarkit.reference.losses import SpeechBatch, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.audio import normalize_loudness
-from ditarkit.runtime.config import DiTARConfig, preset
+from ditarkit.runtime.config import DiTARConfig, patches_in, preset
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.text import TextFrontend
 
@@ -260,8 +260,8 @@ class DiTARBatches:
             self.by_voice[u.voice].append(u)
         self.frontend = TextFrontend(config.text)
         p = config.patch_size
-        self.max_target = int(max_target_seconds / config.patch_seconds)
-        self.prompt_range = tuple(int(s / config.patch_seconds) for s in prompt_seconds)
+        self.max_target = patches_in(max_target_seconds, config.patch_seconds)
+        self.prompt_range = tuple(patches_in(s, config.patch_seconds) for s in prompt_seconds)
         self.p = p
 
     def _patches(self, frames: np.ndarray, count: int, random_start: bool) -> np.ndarray:
