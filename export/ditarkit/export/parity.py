@@ -45,6 +45,7 @@ def parity_inputs(runner: GraphRunner, name: str, point: str, seed: int = 0) -> 
     feeds = example_inputs(spec, dims_at(spec, which, cfg.audio.hop_length), seed, cfg.text.vocab_size)
     if point == "edges":
         feeds = _at_value_edges(feeds, cfg.text.vocab_size)
+    spec.check_feeds(feeds)  # the inputs themselves must honour the manifest's contract
     return feeds
 
 
