@@ -45,9 +45,11 @@ def test_bench_reports_every_backend_as_json(tmp_path):
             assert spread["min"] <= spread["median"] <= spread["max"]
         assert set(row["stage_ms"]) == GRAPHS_PER_PATCH
         assert all(positive(s["median"]) for s in row["stage_ms"].values())
-        # per patch: one LM step, NFE LocDiT calls, one VAE chunk
+        # per patch: NFE LocDiT calls; per sentence of 3 patches, VAE chunks of 1 and 2 patches
         calls = row["calls_per_audio_second"]
-        assert calls["locdit"] == pytest.approx(report["workload"]["nfe"] * calls["vae_decoder"])
+        patches_per_second = row["patches"] / row["audio_seconds"]
+        assert calls["locdit"] == pytest.approx(report["workload"]["nfe"] * patches_per_second)
+        assert calls["vae_decoder"] == pytest.approx(2 / 3 * patches_per_second)
         assert positive(row["total_calls_per_audio_second"]) and positive(row["peak_rss_mb"])
         assert row["peak_rss_delta_mb"] >= 0 and row["notes"] == []
     # the stop head is disabled: every backend makes 3 patches for each of the 2 default sentences

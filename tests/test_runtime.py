@@ -19,7 +19,7 @@ from ditarkit.runtime.backends.onnxrt import OrtIOBindingRunner, OrtRunner
 from ditarkit.runtime.cli import main as run_main
 from ditarkit.runtime.manifest import MANIFEST_FILE
 from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_latents
-from ditarkit.runtime.synthesizer import Synthesizer
+from ditarkit.runtime.synthesizer import StreamStats, Synthesizer
 
 # ORT fp32 vs PyTorch over a whole synthesis: per-graph errors ~1e-6 fed back through
 # 10 patches of 10 solver steps stay well inside 1e-4.
@@ -94,6 +94,18 @@ def test_stream_equals_offline_decoding_and_starts_after_the_first_patch(bundle,
     streamed = np.concatenate(chunks)
     assert streamed.shape == offline.shape
     assert np.abs(streamed - offline).max() <= STREAM_TOLERANCE * max(1.0, np.abs(offline).max())
+
+
+def test_chunks_grow_from_one_patch_to_the_cap(bundle, reference_wav):
+    synth = Synthesizer(bundle, backend="onnxruntime")
+    voice = synth.voice(reference_wav)
+    noise, options = _fixed_run(synth.config)
+    samples_per_patch = synth.config.patch_size * synth.config.audio.hop_length
+    for cap, head in ((4, [1, 2, 4]), (1, [1, 1, 1])):
+        stats = StreamStats()
+        sizes = [len(c) // samples_per_patch for c in synth.stream("hello world", voice, options, noise, stats,
+                                                                   max_chunk_patches=cap)]
+        assert sizes[:3] == head and max(sizes) == cap and sum(sizes) == stats.patches
 
 
 def _run(args):

@@ -14,7 +14,6 @@ going through `run`, and a timer there would miss it.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import resource
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ditarkit.runtime.manifest import LM, LOCDIT, PATCH_ENCODER, TEXT_EMBEDDING, VAE_DECODER, VAE_ENCODER
+from ditarkit.runtime.sampler import NEVER_STOP
 
 # Runner method -> the graph it calls, once per call.
 STAGES = {
@@ -37,10 +37,6 @@ STAGES = {
     "decode_latents": VAE_DECODER,
     "encode_audio": VAE_ENCODER,
 }
-# The largest float below 1: sigmoid(stop logit) exceeds it only when it rounds to 1.0
-# (logit > ~36.7), so the stop head never ends a sentence early and every backend
-# generates the same number of patches.
-NEVER_STOP = math.nextafter(1.0, 0.0)
 REFERENCE_SECONDS = 3.0  # the synthetic reference voice used when no --ref is given
 
 

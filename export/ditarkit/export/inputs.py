@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ditarkit.runtime.manifest import GraphSpec
+from ditarkit.runtime.manifest import LM_POSITION, GraphSpec
 
 
 def example_inputs(spec: GraphSpec, dims: dict[str, int], seed: int = 0, vocab: int = 2) -> dict[str, np.ndarray]:
@@ -15,7 +15,7 @@ def example_inputs(spec: GraphSpec, dims: dict[str, int], seed: int = 0, vocab: 
     feeds = {}
     for tensor in spec.inputs:
         shape = tensor.resolve(dims)
-        if tensor.name == "position":
+        if tensor.name == LM_POSITION:
             feeds[tensor.name] = np.array([dims["capacity"] // 2], dtype=np.int64)
         elif tensor.dtype == "int64":
             feeds[tensor.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import torch
 
 from ditarkit.export.inputs import dims_at, example_inputs
+from ditarkit.export.stamp import declare_io_shapes, stamp
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import GRAPH_MODULES
-from ditarkit.runtime import __version__
-from ditarkit.runtime.manifest import META_KIT_VERSION, META_SIGNATURE, GraphSpec
+from ditarkit.runtime.manifest import GraphSpec
 
 DEFAULT_OPSET = 17
 
@@ -52,8 +52,8 @@ def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bo
     graph = _fold_constants(graph)
     if fp16:
         graph = to_mixed_fp16(graph)
-    _declare_io_shapes(graph, spec)
-    _stamp(graph, signature)
+    declare_io_shapes(graph, spec)
+    stamp(graph, signature)
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(path))
     return path
@@ -115,25 +115,3 @@ def remove_fp16_round_trips(graph: onnx.ModelProto) -> onnx.ModelProto:
     del graph.graph.node[:]
     graph.graph.node.extend(kept)
     return graph
-
-
-def _declare_io_shapes(graph: onnx.ModelProto, spec: GraphSpec) -> None:
-    """Give graph I/O the manifest's dimension names (shape inference invents its own,
-    such as 'floor(samples/600)'), so the ONNX file states the same contract."""
-    for declared, values in ((spec.inputs, graph.graph.input), (spec.outputs, graph.graph.output)):
-        for tensor, value in zip(declared, values):
-            dims = value.type.tensor_type.shape.dim
-            for dim, want in zip(dims, tensor.shape):
-                if isinstance(want, int):
-                    dim.dim_value = want
-                else:
-                    dim.dim_param = want
-
-
-def _stamp(graph: onnx.ModelProto, signature: str) -> None:
-    """Kit version and contract digest: the runtime refuses a graph from another bundle."""
-    del graph.metadata_props[:]
-    for key, value in ((META_KIT_VERSION, __version__), (META_SIGNATURE, signature)):
-        graph.metadata_props.add(key=key, value=value)
-    graph.producer_name = "ditarkit"
-    graph.producer_version = __version__

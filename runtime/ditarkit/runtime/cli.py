@@ -15,7 +15,7 @@ from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import BundleError
 from ditarkit.runtime.sampler import OptionsError
-from ditarkit.runtime.synthesizer import BACKENDS, StreamStats, Synthesizer
+from ditarkit.runtime.synthesizer import BACKENDS, MAX_CHUNK_PATCHES, StreamStats, Synthesizer
 from ditarkit.runtime.text import TextError
 
 USER_ERRORS = (AudioError, BundleError, OptionsError, TextError, OSError)
@@ -38,10 +38,12 @@ def _echo_err(message: str) -> None:
 @click.option("--nfe", type=int, help="LocDiT solver steps per patch (default: the model's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-seconds", type=float, help="Cap on audio per sentence.")
+@click.option("--chunk-patches", type=click.IntRange(1, 64), default=MAX_CHUNK_PATCHES, show_default=True,
+              help="Largest audio chunk, in patches: chunks grow 1, 2, 4, ... up to it (1 = lowest latency).")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def main(text, text_file, reference, output, bundle, backend, cfg_scale, temperature, nfe, seed,
-         max_seconds, threads, quiet) -> None:
+         max_seconds, chunk_patches, threads, quiet) -> None:
     """Speak TEXT in the voice of a reference recording, streaming to a WAV file."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     if (text is None) == (text_file is None):
@@ -58,7 +60,8 @@ def main(text, text_file, reference, output, bundle, backend, cfg_scale, tempera
         stats = StreamStats()
         per_patch = synth.config.patch_seconds
         progress = None if quiet else lambda n: click.echo(f"\rgenerated {n * per_patch:.1f} s", nl=False, err=True)
-        chunks = synth.stream(text, voice, options, stats=stats, on_patch=progress)
+        chunks = synth.stream(text, voice, options, stats=stats, on_patch=progress,
+                              max_chunk_patches=chunk_patches)
         atomic_write(output, lambda tmp: _write_stream(tmp, chunks, synth.sample_rate))
         if not quiet:
             _echo_err("")

@@ -1,11 +1,16 @@
-"""Atomic file output: a reader never sees a half-written file, a failure leaves none."""
+"""Atomic file and folder output: a reader never sees a half-written file or bundle, and a
+failure leaves none."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def atomic_write(target: str | Path, write: Callable[[str], None]) -> Path:
@@ -22,6 +27,27 @@ def atomic_write(target: str | Path, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def atomic_dir(target: str | Path, build: Callable[[Path], T]) -> T:
+    """Call `build(staging)` on a staging folder beside `target`, then swap it into place;
+    an existing folder at `target` is removed only after the swap."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        result = build(staging)
+        staging.chmod(0o777 & ~_umask())
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
 
 
 def _umask() -> int:

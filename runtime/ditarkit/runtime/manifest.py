@@ -33,6 +33,16 @@ LM = "lm"
 LOCDIT = "locdit"
 GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCDIT)
 
+# The LM step's tensors: the runtimes bind its KV cache by these names.
+LM_EMBEDS = "embeds"
+LM_PAST_KEYS = "past_keys"
+LM_PAST_VALUES = "past_values"
+LM_POSITION = "position"
+LM_HIDDEN = "hidden"
+LM_STOP_LOGIT = "stop_logit"
+LM_NEW_KEYS = "new_keys"
+LM_NEW_VALUES = "new_values"
+
 # ONNX metadata_props keys stamped into every graph, checked when a session is created.
 META_KIT_VERSION = "ditarkit.kit_version"
 META_SIGNATURE = "ditarkit.signature"
@@ -147,16 +157,16 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
         LM: spec(
             LM,
             (
-                TensorSpec("embeds", f32, (1, "steps", lm.dim)),
-                TensorSpec("past_keys", f32, kv),
-                TensorSpec("past_values", f32, kv),
-                TensorSpec("position", i64, (1,)),  # filled cache slots = first new position
+                TensorSpec(LM_EMBEDS, f32, (1, "steps", lm.dim)),
+                TensorSpec(LM_PAST_KEYS, f32, kv),
+                TensorSpec(LM_PAST_VALUES, f32, kv),
+                TensorSpec(LM_POSITION, i64, (1,)),  # filled cache slots = first new position
             ),
             (
-                TensorSpec("hidden", f32, (1, lm.dim)),  # LM output at the last new position
-                TensorSpec("stop_logit", f32, (1,)),
-                TensorSpec("new_keys", f32, new_kv),  # only the new slots: no input/output aliasing
-                TensorSpec("new_values", f32, new_kv),
+                TensorSpec(LM_HIDDEN, f32, (1, lm.dim)),  # LM output at the last new position
+                TensorSpec(LM_STOP_LOGIT, f32, (1,)),
+                TensorSpec(LM_NEW_KEYS, f32, new_kv),  # only the new slots: no input/output aliasing
+                TensorSpec(LM_NEW_VALUES, f32, new_kv),
             ),
             {"steps": (1, 1, cfg.max_prefix), "capacity": (1, max_positions // 2, max_positions)},
         ),
@@ -207,7 +217,7 @@ class Manifest:
             "kv_cache": {  # for readers that do not know the config's layout
                 "layout": "[layers, batch, kv_heads, capacity, head_dim]",
                 "layers": lm.layers, "kv_heads": lm.kv_heads, "head_dim": lm.head_dim,
-                "inputs": ["past_keys", "past_values"], "outputs": ["new_keys", "new_values"],
+                "inputs": [LM_PAST_KEYS, LM_PAST_VALUES], "outputs": [LM_NEW_KEYS, LM_NEW_VALUES],
                 "shared_buffer": False,
                 "note": "outputs hold only the new positions; the runtime writes them at `position`",
             },

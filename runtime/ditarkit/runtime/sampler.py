@@ -21,6 +21,12 @@ from ditarkit.runtime.runner import Runner
 NoiseFn = Callable[[int], np.ndarray]
 
 
+# The largest float below 1, as a stop threshold: sigmoid(stop logit) exceeds it only when it
+# rounds to 1.0 (logit > ~36.7), so the stop head never ends a sentence early and runs that
+# must compare equal lengths (benchmarks, quantization accuracy) generate the same patches.
+NEVER_STOP = math.nextafter(1.0, 0.0)
+
+
 class OptionsError(ValueError):
     """A generation option is out of range."""
 

@@ -13,6 +13,14 @@ from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.manifest import (
     GRAPH_NAMES,
     LM,
+    LM_EMBEDS,
+    LM_HIDDEN,
+    LM_NEW_KEYS,
+    LM_NEW_VALUES,
+    LM_PAST_KEYS,
+    LM_PAST_VALUES,
+    LM_POSITION,
+    LM_STOP_LOGIT,
     META_SIGNATURE,
     BundleError,
     GraphSpec,
@@ -124,15 +132,15 @@ class OrtIOBindingRunner(OrtRunner):
             raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
         session = self.sessions[LM]
         binding = session.io_binding()
-        binding.bind_cpu_input("embeds", np.ascontiguousarray(embeds[None], np.float32))
-        binding.bind_cpu_input("position", np.array([state.position], np.int64))
+        binding.bind_cpu_input(LM_EMBEDS, np.ascontiguousarray(embeds[None], np.float32))
+        binding.bind_cpu_input(LM_POSITION, np.array([state.position], np.int64))
         shape = [lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim]
-        for name, cache in zip(("past_keys", "past_values"), self.kv):
+        for name, cache in zip((LM_PAST_KEYS, LM_PAST_VALUES), self.kv):
             binding.bind_input(name, self.device, 0, np.float32, shape, cache.data_ptr())
-        binding.bind_output("hidden", "cpu")
-        binding.bind_output("stop_logit", "cpu")
-        binding.bind_output("new_keys", self.device)
-        binding.bind_output("new_values", self.device)
+        binding.bind_output(LM_HIDDEN, "cpu")
+        binding.bind_output(LM_STOP_LOGIT, "cpu")
+        binding.bind_output(LM_NEW_KEYS, self.device)
+        binding.bind_output(LM_NEW_VALUES, self.device)
         session.run_with_iobinding(binding)
         hidden, stop, new_keys, new_values = binding.get_outputs()
         for new, cache in ((new_keys, self.kv[0]), (new_values, self.kv[1])):

@@ -21,7 +21,23 @@ from pathlib import Path
 import numpy as np
 
 from ditarkit.runtime.backends.cuda import check, cuda_copy2d, insert_slots, load_cudart
-from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, BundleError, GraphSpec, load_manifest
+from ditarkit.runtime.manifest import (
+    GRAPH_NAMES,
+    LM,
+    LM_EMBEDS,
+    LM_HIDDEN,
+    LM_NEW_KEYS,
+    LM_NEW_VALUES,
+    LM_PAST_KEYS,
+    LM_PAST_VALUES,
+    LM_POSITION,
+    LM_STOP_LOGIT,
+    LOCDIT,
+    BundleError,
+    GraphSpec,
+    Manifest,
+    load_manifest,
+)
 from ditarkit.runtime.runner import GraphRunner
 
 ENGINE_DIR = "engines"
@@ -67,6 +83,15 @@ def _profile_shapes(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
     }
 
 
+def check_buildable(manifest: Manifest) -> None:
+    """TensorRT takes INT8 Q/DQ only as symmetric int8 (zero point 0); a bundle quantized
+    for ONNX Runtime's uint8 kernels is refused before any build starts."""
+    target = manifest.quantization.get("target")
+    if target not in (None, "tensorrt"):
+        raise BundleError(f"this bundle was quantized for {target} (uint8 activations, which TensorRT does not "
+                          "take): make one with `ditar-calibrate --target tensorrt`")
+
+
 def build_engines(bundle: str | Path, log: Callable[[str], None] = lambda _m: None) -> dict[str, Path]:
     """Parse, profile, build and save one engine per graph, reusing a timing cache."""
     import tensorrt as trt
@@ -80,6 +105,7 @@ def build_engines(bundle: str | Path, log: Callable[[str], None] = lambda _m: No
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
+    check_buildable(manifest)
     engines = bundle / ENGINE_DIR
     engines.mkdir(exist_ok=True)
     timing = str(engines / TIMING_CACHE)
@@ -142,7 +168,7 @@ class TensorRTRunner(GraphRunner):
         self.io = {n: self._allocate_io(self.specs[n]) for n in GRAPH_NAMES}
         # The KV cache too, at the largest capacity; each synthesis reuses it (the LM masks
         # every slot at or past `position`, so stale, finite contents are never read).
-        self.kv = (self.io[LM]["past_keys"], self.io[LM]["past_values"])
+        self.kv = (self.io[LM][LM_PAST_KEYS], self.io[LM][LM_PAST_VALUES])
         for buffer in self.kv:  # never-written memory could hold inf/NaN, which no mask hides
             check(self.cudart.cudaMemset(buffer.ptr, 0, buffer.nbytes))
         self.cuda_graphs = cuda_graphs
@@ -235,17 +261,17 @@ class TensorRTRunner(GraphRunner):
             raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
         embeds = np.ascontiguousarray(embeds[None], np.float32)
         position = np.array([state.position], np.int64)
-        self._upload(io["embeds"], embeds)
-        self._upload(io["position"], position)
+        self._upload(io[LM_EMBEDS], embeds)
+        self._upload(io[LM_POSITION], position)
         kv_shape = (lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim)
-        shapes = {"embeds": embeds.shape, "past_keys": kv_shape, "past_values": kv_shape, "position": (1,)}
+        shapes = {LM_EMBEDS: embeds.shape, LM_PAST_KEYS: kv_shape, LM_PAST_VALUES: kv_shape, LM_POSITION: (1,)}
         addresses = {k: b.ptr for k, b in io.items()}
         addresses.update(past_keys=state.keys.ptr, past_values=state.values.ptr)
         self._execute(LM, shapes, addresses)
-        for new, cache in (("new_keys", state.keys), ("new_values", state.values)):
+        for new, cache in ((LM_NEW_KEYS, state.keys), (LM_NEW_VALUES, state.values)):
             self._insert(io[new], cache, state, steps)
-        hidden = self._download(io["hidden"], (1, lm.dim), np.float32)
-        stop = self._download(io["stop_logit"], (1,), np.float32)
+        hidden = self._download(io[LM_HIDDEN], (1, lm.dim), np.float32)
+        stop = self._download(io[LM_STOP_LOGIT], (1,), np.float32)
         check(self.cudart.cudaStreamSynchronize(self.stream))
         state.position += steps
         return hidden[0], float(stop[0])

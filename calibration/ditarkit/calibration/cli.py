@@ -1,0 +1,117 @@
+"""ditar-calibrate: record activations with real voices, quantize to INT8 Q/DQ graphs, and
+report what it cost. Only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ditarkit.calibration.accuracy import end_to_end, graph_errors
+from ditarkit.calibration.quantize import QUANTIZED_GRAPHS, TARGETS, quantize_bundle
+from ditarkit.calibration.record import PER_GRAPH, record
+from ditarkit.runtime.audio import AudioError
+from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.defaults import default_bundle_dir
+from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.manifest import BundleError, load_manifest
+from ditarkit.runtime.synthesizer import Synthesizer
+from ditarkit.runtime.text import TextError
+
+USER_ERRORS = (AudioError, BundleError, TextError, OSError, ValueError)
+HELDOUT_EVERY = 4  # every 4th sentence is held out from calibration to measure the error
+REPORT_FILE = "calibration-report.json"
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def read_sentences(path: str | None) -> list[str]:
+    """One sentence per line; the kit's own calibration set when no file is given."""
+    text = Path(path).read_text(encoding="utf-8") if path else files("ditarkit.calibration").joinpath(
+        "sentences.txt").read_text(encoding="utf-8")
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(sentences) < HELDOUT_EVERY:
+        raise ValueError(f"need at least {HELDOUT_EVERY} sentences to calibrate and hold some out, "
+                         f"got {len(sentences)}")
+    return sentences
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ref", "references", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Reference voice recording; repeat for several voices (used in turn).")
+@click.option("--bundle", type=click.Path(file_okay=False), help="fp32 bundle. Default: the embedded default's.")
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="INT8 bundle to write. Default: BUNDLE-int8.")
+@click.option("--texts", type=click.Path(dir_okay=False),
+              help="Calibration sentences, one per line. Default: the kit's 24 sentences.")
+@click.option("--target", type=click.Choice(sorted(TARGETS)), default="onnxruntime", show_default=True,
+              help="Q/DQ form: uint8 activations for ONNX Runtime, symmetric int8 for TensorRT.")
+@click.option("--samples", type=click.IntRange(1, 1024), default=PER_GRAPH, show_default=True,
+              help="Recorded feeds kept per graph.")
+@click.option("--compare", "compare", multiple=True, type=click.Path(file_okay=False),
+              help="Another bundle (fp16, say) to put in the end-to-end comparison.")
+@click.option("--save-activations", type=click.Path(dir_okay=False), help="Keep the recorded feeds (npz).")
+@click.option("--max-seconds", type=click.FloatRange(min=0.1), help="Cap on audio per sentence.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def main(references, bundle, out, texts, target, samples, compare, save_activations, max_seconds, seed) -> None:
+    """Quantize an fp32 bundle to INT8 from activations recorded while it speaks, and report
+    the error per graph and end to end."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    bundle = Path(bundle) if bundle else default_bundle_dir("fp32")
+    out = Path(out) if out else bundle.with_name(f"{bundle.name.removesuffix('-fp32')}-int8")
+    try:
+        report = calibrate(bundle, out, list(references), read_sentences(texts), target, samples,
+                           [Path(c) for c in compare], save_activations, max_seconds, seed)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    click.echo(format_report(report))
+    click.echo(f"bundle: {out}\nreport: {out / REPORT_FILE}")
+
+
+def calibrate(bundle: Path, out: Path, references: list[str], sentences: list[str], target: str,
+              samples: int, compare: list[Path], save_activations: str | None, max_seconds: float | None,
+              seed: int) -> dict[str, Any]:
+    heldout, calibration = sentences[::HELDOUT_EVERY], [s for i, s in enumerate(sentences) if i % HELDOUT_EVERY]
+    _log(f"recording activations: {len(calibration)} sentences, {len(references)} voice(s)")
+    recording = record(bundle, calibration, references, samples, seed, max_seconds, log=_log)
+    if save_activations:
+        recording.save(save_activations)
+    manifest = quantize_bundle(bundle, out, recording, target, log=_log)
+    _log(f"measuring on {len(heldout)} held-out sentences")
+    heldout_recording = record(bundle, heldout, references, samples, seed + 1, max_seconds, log=_log)
+    errors = graph_errors(OrtRunner(bundle), OrtRunner(out), heldout_recording, QUANTIZED_GRAPHS)
+    candidates = {"int8": Synthesizer(out, backend="onnxruntime")}
+    candidates.update({_label(path): Synthesizer(path, backend="onnxruntime") for path in compare})
+    mel = end_to_end(Synthesizer(bundle, backend="onnxruntime"), candidates, heldout, references, seed, max_seconds,
+                     log=_log)
+    report = {"bundle": str(out), "source": str(bundle), "quantization": manifest.quantization,
+              "graph_errors": [e.to_dict() for e in errors], "mel_distance_db": mel,
+              "heldout_sentences": heldout}
+    atomic_write(out / REPORT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    return report
+
+
+def _label(path: Path) -> str:
+    return f"{load_manifest(path, verify_files=False).precision} ({path.name})"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    graphs = report["quantization"]["graphs"]
+    lines = ["graph            layers int8/fp32  size int8/fp32  worst rel. error  median SNR"]
+    for error in report["graph_errors"]:
+        name = error["graph"]
+        info = graphs[name]
+        layers = f"{info['quantized_layers']}/{info['quantized_layers'] + len(info['fp32_layers'])}"
+        size = f"{info['bytes']['int8'] / info['bytes']['fp32']:.0%}"
+        lines.append(f"{name:<16} {layers:>16}  {size:>14}  {error['worst_relative']:>16.2e}  "
+                     f"{error['median_snr_db']:>7.1f} dB")
+    lines.append("")
+    lines.append("end to end, log-mel distance to fp32 (same seed, same length):")
+    lines += [f"  {name:<24} {value:6.2f} dB" for name, value in report["mel_distance_db"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Recording real activations: the inputs every graph receives while the runtime speaks.
+
+Calibration data must be what a quantized graph will see in service, so it is recorded by
+running the fp32 bundle through the ordinary runtime (the same sampler, guidance,
+temperature and streaming decoder) and capturing each graph's feeds at `GraphRunner.run`.
+A seeded reservoir keeps at most `per_graph` feeds of each graph, drawn uniformly from the
+whole run, so memory stays bounded however much text is spoken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, GraphSpec
+from ditarkit.runtime.synthesizer import Synthesizer
+
+Feeds = dict[str, np.ndarray]
+Log = Callable[[str], None]
+PER_GRAPH = 48  # feeds kept per graph: enough for MinMax ranges, small enough for memory
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Recorded feeds per graph name, and what was spoken to get them."""
+
+    feeds: dict[str, list[Feeds]]
+    sentences: int
+    references: tuple[str, ...]
+
+    def save(self, path: str | Path) -> Path:
+        arrays = {f"{graph}/{index}/{name}": value
+                  for graph, samples in self.feeds.items()
+                  for index, feeds in enumerate(samples)
+                  for name, value in feeds.items()}
+        arrays["_sentences"] = np.array(self.sentences)
+        arrays["_references"] = np.array(self.references)
+        return atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recording:
+        with np.load(path) as data:
+            feeds: dict[str, dict[int, Feeds]] = {}
+            for key in data.files:
+                if key.startswith("_"):
+                    continue
+                graph, index, name = key.split("/")
+                feeds.setdefault(graph, {}).setdefault(int(index), {})[name] = data[key]
+            return cls({g: [s[i] for i in sorted(s)] for g, s in feeds.items()},
+                       int(data["_sentences"]), tuple(str(r) for r in data["_references"]))
+
+
+def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez_compressed(fh, **arrays)
+
+
+class RecordingRunner(OrtRunner):
+    """An fp32 ONNX Runtime runner that keeps a uniform sample of every graph's feeds."""
+
+    def __init__(self, bundle: str | Path, per_graph: int = PER_GRAPH, seed: int = 0,
+                 threads: int | None = None) -> None:
+        super().__init__(bundle, threads=threads)
+        self.per_graph = per_graph
+        self.rng = np.random.default_rng(seed)
+        self.kept: dict[str, list[Feeds]] = {}
+        self.seen: dict[str, int] = {}
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._offer(name, feeds)
+        return super().run(name, feeds)
+
+    def _offer(self, name: str, feeds: Feeds) -> None:
+        """Reservoir sampling (Algorithm R): after n offers each is kept with chance k/n."""
+        seen = self.seen[name] = self.seen.get(name, 0) + 1
+        kept = self.kept.setdefault(name, [])
+        if len(kept) < self.per_graph:
+            kept.append(_compact(self.specs[name], feeds))
+        else:
+            slot = int(self.rng.integers(seen))
+            if slot < self.per_graph:
+                kept[slot] = _compact(self.specs[name], feeds)
+
+
+def _compact(spec: GraphSpec, feeds: Feeds) -> Feeds:
+    """A copy small enough to keep: the LM's cache is cut to its filled slots (at least one,
+    the smallest capacity the graph takes). Slots past `position` are masked out, so the
+    graph computes exactly the same outputs from the cut cache."""
+    copy = {name: np.array(value) for name, value in feeds.items()}
+    if spec.name == LM:
+        filled = max(1, int(feeds[LM_POSITION][0]))
+        for name in (LM_PAST_KEYS, LM_PAST_VALUES):
+            copy[name] = np.ascontiguousarray(copy[name][:, :, :, :filled])
+    return copy
+
+
+def record(
+    bundle: str | Path,
+    texts: Iterable[str],
+    references: Iterable[str | Path],
+    per_graph: int = PER_GRAPH,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    log: Log = lambda _msg: None,
+) -> Recording:
+    """Speak each text with the references in turn through the fp32 bundle; keep the feeds."""
+    runner = RecordingRunner(bundle, per_graph, seed)
+    if runner.manifest.precision != "fp32":
+        raise ValueError(f"{bundle} is a {runner.manifest.precision} bundle: calibrate from an fp32 bundle")
+    synth = Synthesizer.from_runner(runner)
+    refs = [str(r) for r in references]
+    voices = [synth.voice(r) for r in refs]
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        synth.synthesize(text, voices[index % len(voices)], synth.options(seed=seed + index, max_seconds=max_seconds))
+        log(f"recorded {index + 1}/{len(texts)}: {text[:50]}")
+    return Recording(runner.kept, len(texts), tuple(refs))

@@ -1,0 +1,31 @@
+"""What makes an ONNX file a bundle graph: the manifest's I/O dimension names and the
+contract stamp the runtime checks. Shared by export and calibration; needs no torch."""
+
+from __future__ import annotations
+
+import onnx
+
+from ditarkit.runtime import __version__
+from ditarkit.runtime.manifest import META_KIT_VERSION, META_SIGNATURE, GraphSpec
+
+
+def declare_io_shapes(graph: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give graph I/O the manifest's dimension names (shape inference invents its own,
+    such as 'floor(samples/600)'), so the ONNX file states the same contract."""
+    for declared, values in ((spec.inputs, graph.graph.input), (spec.outputs, graph.graph.output)):
+        for tensor, value in zip(declared, values):
+            dims = value.type.tensor_type.shape.dim
+            for dim, want in zip(dims, tensor.shape):
+                if isinstance(want, int):
+                    dim.dim_value = want
+                else:
+                    dim.dim_param = want
+
+
+def stamp(graph: onnx.ModelProto, signature: str) -> None:
+    """Kit version and contract digest: the runtime refuses a graph from another bundle."""
+    del graph.metadata_props[:]
+    for key, value in ((META_KIT_VERSION, __version__), (META_SIGNATURE, signature)):
+        graph.metadata_props.add(key=key, value=value)
+    graph.producer_name = "ditarkit"
+    graph.producer_version = __version__

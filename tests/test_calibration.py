@@ -1,0 +1,142 @@
+"""INT8 calibration on the tiny preset: recorded activations, Q/DQ graphs, bounded error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from conftest import speech_like
+
+from ditarkit.calibration.accuracy import OTHER_SEED, end_to_end, graph_errors, mel_distance_db
+from ditarkit.calibration.cli import REPORT_FILE
+from ditarkit.calibration.cli import main as calibrate_main
+from ditarkit.calibration.quantize import KEEP_SCOPES, QUANTIZED_GRAPHS, QUANTIZED_OPS, quantize_bundle
+from ditarkit.calibration.record import Recording, record
+from ditarkit.export.bundle import export_bundle
+from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.backends.tensorrt import check_buildable
+from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_POSITION, BundleError, load_manifest
+from ditarkit.runtime.synthesizer import Synthesizer
+
+TEXTS = ("hello there.", "the red cube moves left.", "stop now!")
+SECONDS = 0.6  # audio per sentence: enough patches for every graph to be recorded
+SAMPLES = 8
+# Tiny random weights give activations with no outliers; 8-bit ranges leave a relative
+# error near 2^-8 per layer, so a quantized graph's output stays above 20 dB SNR. A broken
+# graph (wrong scale, zero point or wiring) lands near or below 0 dB.
+MIN_SNR_DB = 20.0
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    fp32 = root / "tiny-fp32"
+    export_bundle(tiny_model, fp32)
+    voice = root / "voice.wav"
+    sf.write(voice, speech_like(2.0), 24_000)
+    recording = record(fp32, TEXTS, [voice], per_graph=SAMPLES, max_seconds=SECONDS)
+    int8 = root / "tiny-int8"
+    manifest = quantize_bundle(fp32, int8, recording)
+    return fp32, int8, voice, recording, manifest
+
+
+def test_recording_keeps_a_bounded_sample_of_every_graph(setup, tmp_path):
+    fp32, _, _, recording, _ = setup
+    assert set(QUANTIZED_GRAPHS) <= set(recording.feeds)
+    assert all(0 < len(samples) <= SAMPLES for samples in recording.feeds.values())
+    for feeds in recording.feeds[LM]:  # the cache is cut to its filled slots
+        assert feeds[LM_PAST_KEYS].shape[3] == max(1, int(feeds[LM_POSITION][0]))
+    for graph, samples in recording.feeds.items():
+        for feeds in samples:
+            load_manifest(fp32).graphs[graph].check_feeds(feeds)
+    again = Recording.load(recording.save(tmp_path / "acts.npz"))
+    assert again.sentences == len(TEXTS) and set(again.feeds) == set(recording.feeds)
+    np.testing.assert_array_equal(again.feeds[LM][0][LM_PAST_KEYS], recording.feeds[LM][0][LM_PAST_KEYS])
+
+
+def test_quantized_graphs_hold_qdq_nodes_and_pass_the_checker(setup):
+    _, int8, _, _, manifest = setup
+    assert manifest.precision == "int8" and load_manifest(int8).quantization["format"] == "QDQ"
+    for name in QUANTIZED_GRAPHS:
+        graph = onnx.load(str(int8 / manifest.graphs[name].file))
+        onnx.checker.check_model(graph, full_check=True)
+        ops = {n.op_type for n in graph.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        assert manifest.quantization["graphs"][name]["quantized_layers"] > 0
+
+
+def test_sensitive_layers_stay_fp32(setup):
+    _, int8, _, _, manifest = setup
+    kept = 0
+    for name in QUANTIZED_GRAPHS:
+        nodes = onnx.load(str(int8 / manifest.graphs[name].file)).graph.node
+        dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+        for node in nodes:
+            if node.op_type in QUANTIZED_OPS and any(scope in node.name for scope in KEEP_SCOPES):
+                assert node.input[1] not in dequantized, node.name  # its weight is still the fp32 constant
+                kept += 1
+    assert kept >= 2  # the time embedding (LocDiT) and the stop head (LM) at least
+
+
+def test_quantized_graphs_stay_close_to_fp32_on_held_out_activations(setup):
+    fp32, int8, voice, _, _ = setup
+    heldout = record(fp32, ("a different sentence.",), [voice], per_graph=SAMPLES, seed=1, max_seconds=SECONDS)
+    for error in graph_errors(OrtRunner(fp32), OrtRunner(int8), heldout, QUANTIZED_GRAPHS):
+        assert error.median_snr_db >= MIN_SNR_DB, error
+
+
+def test_runtime_speaks_with_the_int8_bundle_closer_to_fp32_than_another_seed(setup):
+    fp32, int8, voice, _, _ = setup
+    reference = Synthesizer(fp32, backend="onnxruntime")
+    distances = end_to_end(reference, {"int8": Synthesizer(int8, backend="onnxruntime")}, TEXTS[:2], [voice],
+                           max_seconds=SECONDS)
+    assert np.isfinite(distances["int8"])
+    assert distances["int8"] < distances[OTHER_SEED], distances
+
+
+def test_mel_distance_is_zero_for_equal_audio_and_grows_with_noise():
+    clean = speech_like(1.0)
+    noisy = clean + np.random.default_rng(0).normal(0, 0.05, clean.shape).astype(np.float32)
+    assert mel_distance_db(clean, clean, 24_000) == 0.0
+    assert mel_distance_db(clean, noisy, 24_000) > 1.0
+
+
+def test_tensorrt_target_has_symmetric_int8_activations(setup, tmp_path):
+    fp32, _, _, recording, _ = setup
+    manifest = quantize_bundle(fp32, tmp_path / "trt", recording, target="tensorrt")
+    graph = onnx.load(str(tmp_path / "trt" / manifest.graphs[LM].file))
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    zero_points = [constants[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+def test_cli_calibrates_and_reports(setup, tmp_path):
+    fp32, _, voice, _, _ = setup
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["one two three.", "four five six.", "seven eight.", "nine ten."]))
+    out = tmp_path / "cli-int8"
+    result = CliRunner().invoke(calibrate_main, ["--bundle", str(fp32), "--ref", str(voice), "-o", str(out),
+                                                 "--texts", str(texts), "--samples", "4", "--max-seconds", "0.4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert {e["graph"] for e in report["graph_errors"]} == set(QUANTIZED_GRAPHS)
+    assert set(report["mel_distance_db"]) == {OTHER_SEED, "int8"}
+    assert "median SNR" in result.stdout
+
+
+def test_cli_refuses_a_non_fp32_bundle_in_one_line(setup, tmp_path):
+    _, int8, voice, _, _ = setup
+    result = CliRunner().invoke(calibrate_main, ["--bundle", str(int8), "--ref", str(voice), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert "quantize an fp32 bundle" in result.output or "calibrate from an fp32 bundle" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+def test_tensorrt_refuses_a_bundle_quantized_for_onnxruntime(setup):
+    _, int8, _, _, _ = setup
+    with pytest.raises(BundleError, match="--target tensorrt"):
+        check_buildable(load_manifest(int8))
