@@ -15,7 +15,7 @@ from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import TOLERANCE, check_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import unavailable_reason
-from ditarkit.runtime.manifest import GRAPH_NAMES, LM, MANIFEST_FILE, BundleError, load_manifest
+from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, LOCDIT_SAMPLER, MANIFEST_FILE, BundleError, load_manifest
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 LOOP_STEPS = 20
@@ -147,3 +147,16 @@ def test_tensorrt_engines_build_and_match_pytorch(tiny_model, bundles):
         feeds = parity_inputs(trt_runner, name, "opt")
         for a, b in zip(reference.run(name, feeds), trt_runner.run(name, feeds)):
             assert np.abs(a - b).max() <= 1e-3 * max(1.0, np.abs(a).max()), name
+
+
+def test_the_fused_sampler_shares_one_copy_of_the_locdit_weights(bundles):
+    for bundle, manifest in bundles.values():
+        sampler, locdit = (onnx.load(str(bundle / manifest.graphs[n].file)) for n in (LOCDIT_SAMPLER, LOCDIT))
+        contents = [(tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in sampler.graph.initializer]
+        assert len(set(contents)) == len(contents)  # no tensor stored twice
+        assert len(_matmul_weights(sampler)) == len(_matmul_weights(locdit))  # every step reads the same ones
+
+
+def _matmul_weights(graph: onnx.ModelProto) -> set[str]:
+    constants = {t.name for t in graph.graph.initializer}
+    return {n.input[1] for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in constants}

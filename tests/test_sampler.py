@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ditarkit.reference.runner import TorchRunner
-from ditarkit.runtime.diffusion import Schedule, guided, sample_patch, time_grid
+from ditarkit.runtime.diffusion import Schedule, guided, renoise_step, sample_patch, time_grid
 from ditarkit.runtime.sampler import GenerationOptions, OptionsError, explicit_noise, generate_latents
 
 P, C, D, HP = 4, 3, 5, 8
@@ -120,3 +120,9 @@ def test_max_seconds_counts_whole_patches_without_float_truncation(tiny_model):
     prompt = runner.encode_audio(speech_like(1.0))
     latents = generate_latents(runner, [1, 10, 2], prompt, GenerationOptions(max_seconds=0.3, stop_threshold=0.999999))
     assert latents.shape[0] == 3 * tiny_model.config.patch_size
+
+
+@pytest.mark.parametrize(("nfe", "temperature", "step"), [(10, 0.5, 4), (10, 0.0, 9), (10, 1.0, -1), (10, 0.35, 6),
+                                                          (4, 0.75, 0), (1, 0.5, 0)])
+def test_renoise_step_is_where_time_crosses_tau(nfe, temperature, step):
+    assert renoise_step(nfe, temperature) == step

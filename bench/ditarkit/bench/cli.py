@@ -39,7 +39,7 @@ from ditarkit.bench.measure import (
 from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.config import PRESETS
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.manifest import LM, LOCDIT, PATCH_ENCODER, VAE_DECODER, BundleError, load_manifest
+from ditarkit.runtime.manifest import LM, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER, BundleError, load_manifest
 from ditarkit.runtime.sampler import OptionsError
 from ditarkit.runtime.text import TextError
 
@@ -187,7 +187,7 @@ COLUMNS = (  # header, width, cell
     ("1st chunk ms [min-max]", 23,
      lambda r: f"{r.first_chunk_ms.median:.0f} [{r.first_chunk_ms.min:.0f}-{r.first_chunk_ms.max:.0f}]"),
     ("LM step", 9, lambda r: _stage(r, LM)),
-    ("LocDiT", 9, lambda r: _stage(r, LOCDIT)),
+    ("LocDiT solve", 13, lambda r: _stage(r, LOCDIT_SAMPLER)),
     ("VAE chunk", 10, lambda r: _stage(r, VAE_DECODER)),
     ("patch enc", 10, lambda r: _stage(r, PATCH_ENCODER)),
     ("calls/s", 8, lambda r: f"{r.total_calls_per_audio_second:.0f}" if r.calls_per_audio_second else "-"),

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditarkit.runtime.manifest import LM, LOCDIT, PATCH_ENCODER, TEXT_EMBEDDING, VAE_DECODER, VAE_ENCODER
+from ditarkit.runtime.manifest import (
+    LM,
+    LOCDIT,
+    LOCDIT_SAMPLER,
+    PATCH_ENCODER,
+    TEXT_EMBEDDING,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 from ditarkit.runtime.sampler import NEVER_STOP
 
 # Runner method -> the graph it calls, once per call.
@@ -33,7 +41,8 @@ STAGES = {
     "embed_text": TEXT_EMBEDDING,
     "encode_patches": PATCH_ENCODER,
     "lm_step": LM,
-    "velocity": LOCDIT,
+    "velocity": LOCDIT,  # per solver step, where the NFE differs from the model's
+    "draw_patch": LOCDIT_SAMPLER,  # a patch's whole guided solve (at the model's NFE: one fused call)
     "decode_latents": VAE_DECODER,
     "encode_audio": VAE_ENCODER,
 }

@@ -23,11 +23,12 @@ import onnxruntime
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from ditarkit.calibration.record import Feeds, Recording
-from ditarkit.export.stamp import declare_io_shapes, stamp
+from ditarkit.export.graphfile import declare_io_shapes, share_equal_initializers, stamp
 from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.manifest import (
     LM,
     LOCDIT,
+    LOCDIT_SAMPLER,
     PATCH_ENCODER,
     TEXT_EMBEDDING,
     VAE_DECODER,
@@ -41,7 +42,7 @@ from ditarkit.runtime.manifest import (
 
 Log = Callable[[str], None]
 
-QUANTIZED_GRAPHS = (LM, LOCDIT, PATCH_ENCODER, VAE_DECODER)  # run once or more per patch
+QUANTIZED_GRAPHS = (LM, LOCDIT, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER)  # run once or more per patch
 KEPT_GRAPHS = {  # graph -> why it stays fp32
     VAE_ENCODER: "runs once per reference voice, off the per-patch path",
     TEXT_EMBEDDING: "a table lookup with no multiplication to quantize",
@@ -50,7 +51,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Activation ranges: MinMax, except where clipping rare outliers measured better. LocDiT on
 # the default voice, held-out median SNR: MinMax 22.3 dB, 99.99th percentile 24.7 dB.
 PERCENTILE = 99.99
-CLIPPED_GRAPHS = (LOCDIT,)
+CLIPPED_GRAPHS = (LOCDIT, LOCDIT_SAMPLER)
 KEEP_SCOPES = {  # module scope in node names -> why its weight layers stay fp32
     "time_embed": "the diffusion time embedding: every solver step depends on its precision",
     "stop_head": "one output that decides where speech ends",
@@ -114,6 +115,7 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
                            "CalibPercentile": PERCENTILE},
         )
         quantized = onnx.load(str(out))
+    share_equal_initializers(quantized)  # the fused sampler's steps share their weights
     declare_io_shapes(quantized, spec)
     stamp(quantized, signature)
     onnx.checker.check_model(quantized, full_check=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, GraphSpec
+from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, LOCDIT_SAMPLER, GraphSpec
 from ditarkit.runtime.synthesizer import Synthesizer
 
 Feeds = dict[str, np.ndarray]
@@ -61,7 +61,11 @@ def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 class RecordingRunner(OrtRunner):
-    """An fp32 ONNX Runtime runner that keeps a uniform sample of every graph's feeds."""
+    """An fp32 ONNX Runtime runner that keeps a uniform sample of every graph's feeds. Each
+    patch is solved step by step (so the per-step `locdit` graph is recorded), and the inputs
+    the fused `locdit_sampler` would have had are recorded beside them."""
+
+    fused_sampler = False
 
     def __init__(self, bundle: str | Path, per_graph: int = PER_GRAPH, seed: int = 0,
                  threads: int | None = None) -> None:
@@ -74,6 +78,12 @@ class RecordingRunner(OrtRunner):
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self._offer(name, feeds)
         return super().run(name, feeds)
+
+    def draw_patch(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
+                   temperature: float) -> np.ndarray:
+        if nfe == self.config.diffusion.nfe:  # the NFE the fused graph is unrolled at
+            self._offer(LOCDIT_SAMPLER, self.sampler_feeds(cond, history, noise, nfe, cfg_scale, temperature))
+        return super().draw_patch(cond, history, noise, nfe, cfg_scale, temperature)
 
     def _offer(self, name: str, feeds: Feeds) -> None:
         """Reservoir sampling (Algorithm R): after n offers each is kept with chance k/n."""

@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from ditarkit.export.graphfile import declare_io_shapes, share_equal_initializers, stamp
 from ditarkit.export.inputs import dims_at, example_inputs
-from ditarkit.export.stamp import declare_io_shapes, stamp
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import GRAPH_MODULES
 from ditarkit.runtime.manifest import GraphSpec
@@ -28,7 +28,7 @@ FP32_OP_TYPES = [
     "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Reciprocal", "LayerNormalization",
     "Exp", "Log", "Cos", "Sin", "Clip",
 ]
-FP32_SCOPES = ("norm", "rotary", "time_embed")  # module names in the node names
+FP32_SCOPES = ("norm", "rotary", "time_embed", "solver")  # module names in the node names
 
 
 def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bool, signature: str) -> Path:
@@ -50,6 +50,7 @@ def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bo
         )
     graph = onnx.load(str(path))
     graph = _fold_constants(graph)
+    share_equal_initializers(graph)
     if fp16:
         graph = to_mixed_fp16(graph)
     declare_io_shapes(graph, spec)
@@ -74,6 +75,7 @@ def to_mixed_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
     from onnxconverter_common.float16 import convert_float_to_float16
 
     keep = [n.name for n in graph.graph.node if any(scope in n.name.lower() for scope in FP32_SCOPES)]
+    _detach_outputs(graph, set(keep))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notes on clamping tiny constants to fp16 range
         graph = convert_float_to_float16(
@@ -81,6 +83,20 @@ def to_mixed_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
             disable_shape_infer=False,
         )
     return remove_fp16_round_trips(graph)
+
+
+def _detach_outputs(graph: onnx.ModelProto, kept: set[str]) -> None:
+    """Put an Identity between each graph output and a kept-fp32 node producing it: the
+    converter would otherwise insert an fp16 round trip there that it then fails to remove
+    ("The downstream node of the second cast node should be graph output"). The output is
+    rounded to fp16 once, as every other fp16 graph output is."""
+    for output in graph.graph.output:
+        producer = next((n for n in graph.graph.node if output.name in n.output), None)
+        if producer is None or producer.name not in kept:
+            continue
+        inner = f"{output.name}_fp32"
+        producer.output[list(producer.output).index(output.name)] = inner
+        graph.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], name=f"{output.name}_out"))
 
 
 def remove_fp16_round_trips(graph: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,9 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from ditarkit.reference.model import DiTAR
+from ditarkit.runtime.diffusion import Schedule, time_grid
 from ditarkit.runtime.manifest import (
     LM,
     LOCDIT,
+    LOCDIT_SAMPLER,
     PATCH_ENCODER,
     TEXT_EMBEDDING,
     VAE_DECODER,
@@ -82,6 +84,44 @@ class LocDiTGraph(nn.Module):
         return self.locdit(x, t, cond, history)  # (B, P, C)
 
 
+class GuidedSolverStep(nn.Module):
+    """One step of `diffusion.sample_patch` in torch: guidance, (x0, eps) estimate, the
+    temperature rule, and the move to the next time. Its own module so that its nodes carry
+    the scope "solver", which an fp16 export keeps in fp32 (the state crosses every step)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, x: Tensor, velocity_pair: Tensor, cfg_scale: Tensor, renoise: Tensor, enters: Tensor,
+                t: float, s: float) -> Tensor:
+        v = (1.0 + cfg_scale) * velocity_pair[0] - cfg_scale * velocity_pair[1]
+        x0, eps = self.schedule.estimate(x, v, t)
+        eps = torch.where(enters, renoise, eps)
+        return self.schedule.alpha(s) * x0 + self.schedule.sigma(s) * eps
+
+
+class LocDiTSamplerGraph(nn.Module):
+    """The guided NFE loop of one patch, unrolled at the model's NFE: one call per patch
+    instead of NFE, the same arithmetic as `diffusion.sample_patch`."""
+
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.locdit = model.locdit
+        self.solver = GuidedSolverStep(Schedule(model.config.diffusion.schedule))
+        self.grid = [float(t) for t in time_grid(model.config.diffusion.nfe)]
+
+    def forward(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
+                history: Tensor) -> Tensor:
+        x = x_init
+        cond2 = torch.stack([cond, torch.zeros_like(cond)])  # (2, D): conditional, unconditional
+        history2 = torch.stack([history, history])
+        for index, (t, s) in enumerate(zip(self.grid[:-1], self.grid[1:])):
+            velocity = self.locdit(torch.stack([x, x]), torch.full((2,), t), cond2, history2)
+            x = self.solver(x, velocity, cfg_scale, renoise, renoise_step == index, t, s)
+        return x  # (P, C)
+
+
 # Forward arguments follow the order of each graph's inputs in `graph_signatures`.
 GRAPH_MODULES: dict[str, type[nn.Module]] = {
     VAE_ENCODER: VAEEncoderGraph,
@@ -90,6 +130,7 @@ GRAPH_MODULES: dict[str, type[nn.Module]] = {
     PATCH_ENCODER: PatchEncoderGraph,
     LM: LMGraph,
     LOCDIT: LocDiTGraph,
+    LOCDIT_SAMPLER: LocDiTSamplerGraph,
 }
 
 

@@ -72,6 +72,22 @@ def guided(velocity_pair: np.ndarray, cfg_scale: float) -> np.ndarray:
     return (1.0 + cfg_scale) * velocity_pair[0] - cfg_scale * velocity_pair[1]
 
 
+def renoise_step(nfe: int, temperature: float) -> int:
+    """The temperature rule's step: the index i of the solver step t_i -> t_{i+1} with
+    t_i > tau >= t_{i+1}, whose eps estimate is replaced by fresh noise; -1 for none (tau = 1
+    starts from noise instead). Computed here once, for the numpy loop and the fused graph."""
+    grid = time_grid(nfe)
+    for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        if t > temperature >= s:
+            return index
+    return -1
+
+
+def initial_state(noise: np.ndarray, temperature: float) -> np.ndarray:
+    """tau = 1 starts from the starting noise; otherwise from zeros (the mean)."""
+    return noise[0] if temperature >= 1.0 else np.zeros_like(noise[0])
+
+
 def sample_patch(
     velocity: VelocityFn,
     cond: np.ndarray,  # (D,) LM output for this patch
@@ -89,15 +105,16 @@ def sample_patch(
     noise (re-noising the x0 estimate with the forward process). tau = 0 puts that noise at
     sigma(0) = 0, so the result is deterministic.
     """
-    x = noise[0] if temperature >= 1.0 else np.zeros_like(noise[0])
+    x = initial_state(noise, temperature)
+    enters = renoise_step(nfe, temperature)
     cond2 = np.stack([cond, np.zeros_like(cond)])  # (2, D): conditional, unconditional
     history2 = np.stack([history, history])  # (2, H*P, C): history kept in both branches
     grid = time_grid(nfe)
-    for t, s in zip(grid[:-1], grid[1:]):
+    for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         t_batch = np.full((2,), t, dtype=np.float32)
         v = guided(velocity(np.stack([x, x]), t_batch, cond2, history2), cfg_scale)
         x0, eps = schedule.estimate(x, v, float(t))
-        if t > temperature >= s:
+        if index == enters:
             eps = noise[1]
         x = (schedule.alpha(float(s)) * x0 + schedule.sigma(float(s)) * eps).astype(np.float32)
     return x

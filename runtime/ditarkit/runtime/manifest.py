@@ -21,7 +21,7 @@ from ditarkit.runtime import __version__
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.fileio import atomic_write
 
-FORMAT_VERSION = 1  # bumped when the graphs' contract changes; other versions are refused
+FORMAT_VERSION = 2  # bumped when the graphs' contract changes; other versions are refused
 MANIFEST_FILE = "manifest.json"
 
 # Graph names, which are also the ONNX file stems.
@@ -31,7 +31,8 @@ TEXT_EMBEDDING = "text_embedding"
 PATCH_ENCODER = "patch_encoder"
 LM = "lm"
 LOCDIT = "locdit"
-GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCDIT)
+LOCDIT_SAMPLER = "locdit_sampler"  # the whole guided NFE loop of one patch, unrolled at the model's NFE
+GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCDIT, LOCDIT_SAMPLER)
 
 # The LM step's tensors: the runtimes bind its KV cache by these names.
 LM_EMBEDS = "embeds"
@@ -42,6 +43,8 @@ LM_HIDDEN = "hidden"
 LM_STOP_LOGIT = "stop_logit"
 LM_NEW_KEYS = "new_keys"
 LM_NEW_VALUES = "new_values"
+
+SAMPLER_RENOISE_STEP = "renoise_step"
 
 # ONNX metadata_props keys stamped into every graph, checked when a session is created.
 META_KIT_VERSION = "ditarkit.kit_version"
@@ -180,6 +183,19 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
             ),
             (TensorSpec("velocity", f32, ("batch", p, c)),),
             {"batch": (1, 2, 8)},  # 2 = both guidance branches in one call
+        ),
+        LOCDIT_SAMPLER: spec(
+            LOCDIT_SAMPLER,
+            (
+                TensorSpec("x_init", f32, (p, c)),  # starting state: noise (tau = 1) or zeros
+                TensorSpec("renoise", f32, (p, c)),  # the noise that enters at tau
+                TensorSpec(SAMPLER_RENOISE_STEP, i64, (1,)),  # solver step it enters at; -1 = none
+                TensorSpec("cfg_scale", f32, (1,)),
+                TensorSpec("cond", f32, (lm.dim,)),
+                TensorSpec("history", f32, (cfg.history_frames, c)),
+            ),
+            (TensorSpec("patch", f32, (p, c)),),
+            {},
         ),
     }
 

@@ -14,9 +14,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step, sample_patch
 from ditarkit.runtime.manifest import (
     LM,
     LOCDIT,
+    LOCDIT_SAMPLER,
     PATCH_ENCODER,
     TEXT_EMBEDDING,
     VAE_DECODER,
@@ -43,6 +45,11 @@ class Runner(Protocol):
     def velocity(
         self, x: np.ndarray, t: np.ndarray, cond: np.ndarray, history: np.ndarray
     ) -> np.ndarray: ...  # (B, P, C), (B,), (B, D), (B, H*P, C) -> (B, P, C)
+
+    def draw_patch(
+        self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
+        temperature: float,
+    ) -> np.ndarray: ...  # (D,), (H*P, C), (2, P, C) -> (P, C): one guided solve
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray: ...  # (F*hop,) -> (F, C)
 
@@ -78,6 +85,9 @@ class GraphRunner:
     name: str = "graph"  # the backend's name, as reported to users
     config: DiTARConfig
     specs: dict[str, GraphSpec]
+    # One `locdit_sampler` call per patch when the NFE is the model's (the graph is unrolled
+    # at it); otherwise, or when False, the numpy loop with one `locdit` call per step.
+    fused_sampler: bool = True
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -104,6 +114,22 @@ class GraphRunner:
 
     def velocity(self, x, t, cond, history) -> np.ndarray:
         return self._call(LOCDIT, x=x, t=t, cond=cond.astype(np.float32, copy=False), history=history)[0]
+
+    def draw_patch(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
+                   temperature: float) -> np.ndarray:
+        if self.fused_sampler and nfe == self.config.diffusion.nfe:
+            return self.run(LOCDIT_SAMPLER, self.sampler_feeds(cond, history, noise, nfe, cfg_scale, temperature))[0]
+        schedule = Schedule(self.config.diffusion.schedule)
+        return sample_patch(self.velocity, cond, history, noise, schedule, nfe, cfg_scale, temperature)
+
+    def sampler_feeds(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
+                      temperature: float) -> dict[str, np.ndarray]:
+        """The fused sampler's inputs; the temperature rule is resolved here, in one place."""
+        return self.specs[LOCDIT_SAMPLER].bind(
+            x_init=initial_state(noise, temperature), renoise=noise[1],
+            renoise_step=np.array([renoise_step(nfe, temperature)], np.int64),
+            cfg_scale=np.array([cfg_scale], np.float32), cond=cond.astype(np.float32, copy=False), history=history,
+        )
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         return self._call(VAE_ENCODER, audio=audio[None].astype(np.float32, copy=False))[0][0]

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from ditarkit.runtime.config import DiTARConfig, patches_in
-from ditarkit.runtime.diffusion import Schedule, sample_patch
 from ditarkit.runtime.runner import Runner
 
 # patch index -> (2, P, C) float32: [starting noise, noise that enters at tau]
@@ -99,7 +98,6 @@ def generate_patches(
     """Yield generated patches (P, C) one at a time, as soon as each is drawn."""
     cfg = runner.config
     noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
-    schedule = Schedule(cfg.diffusion.schedule)
     prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
     max_patches = max(1, min(cfg.max_patches, patches_in(options.max_seconds, cfg.patch_seconds)))
 
@@ -112,10 +110,7 @@ def generate_patches(
     hidden, stop_logit = runner.lm_step(prefix, state)
     history = prompt[-cfg.history_patches :].reshape(cfg.history_frames, -1)  # (H*P, C)
     for index in range(max_patches):
-        patch = sample_patch(
-            runner.velocity, hidden, history, noise(index), schedule,
-            options.nfe, options.cfg_scale, options.temperature,
-        )
+        patch = runner.draw_patch(hidden, history, noise(index), options.nfe, options.cfg_scale, options.temperature)
         yield patch
         if index + 1 == max_patches:
             return

@@ -1,7 +1,10 @@
-"""What makes an ONNX file a bundle graph: the manifest's I/O dimension names and the
-contract stamp the runtime checks. Shared by export and calibration; needs no torch."""
+"""Finishing an ONNX file as a bundle graph: the manifest's I/O dimension names, shared
+weights, and the contract stamp the runtime checks. Used by export and calibration; needs
+no torch."""
 
 from __future__ import annotations
+
+import hashlib
 
 import onnx
 
@@ -29,3 +32,27 @@ def stamp(graph: onnx.ModelProto, signature: str) -> None:
         graph.metadata_props.add(key=key, value=value)
     graph.producer_name = "ditarkit"
     graph.producer_version = __version__
+
+
+def share_equal_initializers(graph: onnx.ModelProto) -> None:
+    """Make byte-identical initializers one: tracing the unrolled LocDiT sampler copies every
+    weight once per solver step (73 MB instead of 8 MB for the default voice), and quantizing
+    it may copy their scales and zero points."""
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for tensor in graph.graph.initializer:
+        values = onnx.numpy_helper.to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(values.tobytes()).digest())
+        if key in first:
+            renamed[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            kept.append(tensor)
+    if not renamed:
+        return
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    for node in graph.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
