@@ -112,7 +112,10 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
             activation_type=target.activations, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.Percentile if spec.name in CLIPPED_GRAPHS else CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": target.symmetric_activations, "WeightSymmetric": True,
-                           "CalibPercentile": PERCENTILE},
+                           "CalibPercentile": PERCENTILE,
+                           # Q/DQ on a layer's inputs only: its fp32 output is not requantized on
+                           # the way to fp32 ops (held-out SNR +2 to +5 dB per graph, no slower).
+                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
         )
         quantized = onnx.load(str(out))
     share_equal_initializers(quantized)  # the fused sampler's steps share their weights
