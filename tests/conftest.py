@@ -13,6 +13,16 @@ from ditarkit.runtime.config import preset  # noqa: E402
 
 SEED = 1234
 
+# Prepended to a subprocess script: any import of torch fails, as on a robot without it.
+BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+"""
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> DiTAR:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import speech_like
+from conftest import BLOCK_TORCH, speech_like
 
 from ditarkit.calibration.accuracy import OTHER_SEED, end_to_end, graph_errors, mel_distance_db
-from ditarkit.calibration.cli import REPORT_FILE
+from ditarkit.calibration.cli import REPORT_FILE, read_sentences
 from ditarkit.calibration.cli import main as calibrate_main
 from ditarkit.calibration.quantize import KEEP_SCOPES, QUANTIZED_GRAPHS, QUANTIZED_OPS, quantize_bundle
 from ditarkit.calibration.record import Recording, record
 from ditarkit.export.bundle import export_bundle
+from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import check_buildable
-from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_POSITION, BundleError, load_manifest
+from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, BundleError, load_manifest
 from ditarkit.runtime.synthesizer import Synthesizer
 
 TEXTS = ("hello there.", "the red cube moves left.", "stop now!")
@@ -29,6 +34,9 @@ SAMPLES = 8
 # error near 2^-8 per layer, so a quantized graph's output stays above 20 dB SNR. A broken
 # graph (wrong scale, zero point or wiring) lands near or below 0 dB.
 MIN_SNR_DB = 20.0
+# Masked slots add exp(-30000) = 0 to the softmax: only the attention's summation length
+# changes, which reorders fp32 sums.
+CACHE_CUT_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +108,8 @@ def test_runtime_speaks_with_the_int8_bundle_closer_to_fp32_than_another_seed(se
 
 def test_mel_distance_is_zero_for_equal_audio_and_grows_with_noise():
     clean = speech_like(1.0)
+    # White noise at 0.05 rms against a ~0.1 rms signal (about 6 dB SNR) fills the quiet
+    # mel bands by many dB; anything under 1 dB would mean the distance misses it.
     noisy = clean + np.random.default_rng(0).normal(0, 0.05, clean.shape).astype(np.float32)
     assert mel_distance_db(clean, clean, 24_000) == 0.0
     assert mel_distance_db(clean, noisy, 24_000) > 1.0
@@ -128,15 +138,87 @@ def test_cli_calibrates_and_reports(setup, tmp_path):
     assert "median SNR" in result.stdout
 
 
-def test_cli_refuses_a_non_fp32_bundle_in_one_line(setup, tmp_path):
-    _, int8, voice, _, _ = setup
-    result = CliRunner().invoke(calibrate_main, ["--bundle", str(int8), "--ref", str(voice), "-o", str(tmp_path / "x")])
-    assert result.exit_code == 1
-    assert "quantize an fp32 bundle" in result.output or "calibrate from an fp32 bundle" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+def _calibrate_cli(*args: str):
+    return CliRunner().invoke(calibrate_main, list(args))
+
+
+def _one_line_refusal(result, expected: str) -> None:
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("int8 source", "calibrate from an fp32 bundle"),
+    ("out is the source", "would overwrite the fp32 bundle"),
+    ("unspeakable sentence", "no speakable"),
+    ("too few sentences", "need at least 4 sentences"),
+    ("foreign compare bundle", "not a bundle of the same model"),
+    ("out is a user folder", "is not a bundle: refusing to replace it"),
+])
+def test_cli_refuses_bad_input_in_one_line_before_any_work(setup, tmp_path, case, expected):
+    fp32, int8, voice, _, _ = setup
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one two.\nthree four.\nfive six.\nseven eight.\n")
+    out = tmp_path / "out"
+    args = {"int8 source": ["--bundle", str(int8)], "out is the source": ["-o", str(fp32)]}.get(case, [])
+    if case == "unspeakable sentence":
+        texts.write_text("one two.\n\U0001f600\nfive six.\nseven eight.\n")
+    elif case == "too few sentences":
+        texts.write_text("one two.\n")
+    elif case == "foreign compare bundle":
+        foreign = tmp_path / "foreign"
+        export_bundle(DiTAR(replace(load_manifest(fp32).config, max_seconds=9.0)), foreign)
+        args = ["--compare", str(foreign)]
+    elif case == "out is a user folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    result = _calibrate_cli("--bundle", str(fp32), "--ref", str(voice), "-o", str(out), "--texts", str(texts),
+                            "--max-seconds", "0.3", *args)
+    _one_line_refusal(result, expected)
+    assert (fp32 / "manifest.json").exists() and load_manifest(fp32).precision == "fp32"
+    assert case == "out is a user folder" or not out.exists()
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder left behind
+
+
+def test_multi_sentence_lines_are_split_into_single_sentence_texts(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Hello there. How are you?\nFine!\n\nGood.\nBye now.")
+    assert read_sentences(str(texts)) == ["Hello there.", "How are you?", "Fine!", "Good.", "Bye now."]
+
+
+def test_the_recorded_lm_cache_cut_gives_the_same_outputs_as_the_full_cache(setup):
+    fp32, _, _, recording, _ = setup
+    runner = OrtRunner(fp32)
+    feeds = max(recording.feeds[LM], key=lambda f: int(f[LM_POSITION][0]))
+    assert int(feeds[LM_POSITION][0]) > 1
+    padded = dict(feeds)
+    for name in (LM_PAST_KEYS, LM_PAST_VALUES):
+        cut = feeds[name]
+        padded[name] = np.concatenate([cut, np.zeros_like(cut)], axis=3)  # twice the capacity, zeros after
+    for got, want in zip(runner.run(LM, feeds), runner.run(LM, padded)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=CACHE_CUT_TOLERANCE)
 
 
 def test_tensorrt_refuses_a_bundle_quantized_for_onnxruntime(setup):
     _, int8, _, _, _ = setup
     with pytest.raises(BundleError, match="--target tensorrt"):
         check_buildable(load_manifest(int8))
+
+
+def test_cli_runs_without_torch_for_tensorrt_and_compares_another_bundle(setup, tmp_path):
+    fp32, int8, voice, _, _ = setup
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one two three.\nfour five six.\nseven eight.\nnine ten.\n")
+    out = tmp_path / "trt-int8"
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from ditarkit.calibration.cli import main
+        main(["--bundle", {str(fp32)!r}, "--ref", {str(voice)!r}, "-o", {str(out)!r}, "--texts", {str(texts)!r},
+              "--samples", "4", "--max-seconds", "0.3", "--target", "tensorrt", "--compare", {str(int8)!r}],
+             standalone_mode=False)
+        assert "torch" not in sys.modules
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["quantization"]["target"] == "tensorrt"
+    assert set(report["mel_distance_db"]) == {OTHER_SEED, "int8", f"int8 ({int8.name})"}

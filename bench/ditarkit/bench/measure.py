@@ -34,7 +34,7 @@ from ditarkit.runtime.manifest import (
     VAE_DECODER,
     VAE_ENCODER,
 )
-from ditarkit.runtime.sampler import NEVER_STOP
+from ditarkit.runtime.sampler import exact_length
 
 # Runner method -> the graph it calls, once per call.
 STAGES = {
@@ -150,10 +150,7 @@ def time_synthesizer(synth, work: Workload, label: str) -> dict[str, Any]:
 
     patch_seconds = synth.config.patch_seconds
     patches = max(1, round(work.seconds / patch_seconds))
-    # Half a patch of slack: the sampler truncates max_seconds / patch_seconds, and 0.3 / 0.1
-    # is 2.999... in floating point.
-    options = synth.options(max_seconds=(patches + 0.5) * patch_seconds, stop_threshold=NEVER_STOP,
-                            seed=work.seed)
+    options = exact_length(synth.options(seed=work.seed), patches, patch_seconds)
     voice = reference_voice(synth, work.ref)
     times = wrap_stages(synth.runner)
 

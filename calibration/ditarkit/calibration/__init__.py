@@ -1,1 +1,1 @@
-"""ditarkit.calibration: INT8/FP8 quantization of exported graphs from recorded activations."""
+"""ditarkit.calibration: INT8 quantization of exported graphs from recorded activations."""

@@ -11,18 +11,16 @@ bundle with another seed is measured too: the distance that means "a different t
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ditarkit.calibration.record import Recording
+from ditarkit.calibration.record import CalibrationError, Log, Recording
 from ditarkit.runtime.backends.onnxrt import OrtRunner
-from ditarkit.runtime.sampler import NEVER_STOP, GenerationOptions
+from ditarkit.runtime.sampler import exact_length
 from ditarkit.runtime.synthesizer import Synthesizer
-
-Log = Callable[[str], None]
 
 MEL_BANDS = 80
 MEL_FFT = 1024
@@ -101,16 +99,13 @@ def end_to_end(reference: Synthesizer, candidates: dict[str, Synthesizer], texts
         pick = index % len(references)
         options = reference.options(seed=seed + index, max_seconds=max_seconds)
         want = reference.synthesize(text, voices[id(reference)][pick], options)
+        patches = round(len(want) / reference.sample_rate / reference.config.patch_seconds)
         for name, (synth, offset) in takes.items():
-            options = _same_length(synth, len(want) / reference.sample_rate, seed + index + offset)
+            options = exact_length(synth.options(seed=seed + index + offset), patches, synth.config.patch_seconds)
             got = synth.synthesize(text, voices[id(synth)][pick], options)
+            if len(got) != len(want):
+                raise CalibrationError(f"{name} made {len(got)} samples for {text!r}, the reference {len(want)}: "
+                                       "the comparison needs single-sentence texts")
             distances[name].append(mel_distance_db(want, got, reference.sample_rate))
         log(f"compared {index + 1}/{len(texts)}: {text[:50]}")
     return {name: statistics.mean(values) for name, values in distances.items()}
-
-
-def _same_length(synth: Synthesizer, seconds: float, seed: int) -> GenerationOptions:
-    """Options that generate exactly `seconds` of audio: the stop head is ignored."""
-    patches = round(seconds / synth.config.patch_seconds)
-    return synth.options(seed=seed, stop_threshold=NEVER_STOP, max_seconds=(patches + 0.5) * synth.config.patch_seconds)
-

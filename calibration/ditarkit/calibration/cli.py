@@ -13,18 +13,20 @@ from typing import Any
 import click
 
 from ditarkit.calibration.accuracy import end_to_end, graph_errors
-from ditarkit.calibration.quantize import QUANTIZED_GRAPHS, TARGETS, quantize_bundle
-from ditarkit.calibration.record import PER_GRAPH, record
+from ditarkit.calibration.quantize import QUANTIZED_GRAPHS, TARGETS, write_quantized
+from ditarkit.calibration.record import PER_GRAPH, CalibrationError, record, require_fp32
 from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.defaults import default_bundle_dir
-from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.manifest import BundleError, load_manifest
+from ditarkit.runtime.sampler import OptionsError
 from ditarkit.runtime.synthesizer import Synthesizer
-from ditarkit.runtime.text import TextError
+from ditarkit.runtime.text import TextError, TextFrontend, split_sentences
 
-USER_ERRORS = (AudioError, BundleError, TextError, OSError, ValueError)
+USER_ERRORS = (AudioError, BundleError, CalibrationError, OptionsError, TextError, OSError)
 HELDOUT_EVERY = 4  # every 4th sentence is held out from calibration to measure the error
+HELDOUT_SEED_OFFSET = 10_000  # held-out sentences draw noise no calibration sentence drew
 REPORT_FILE = "calibration-report.json"
 
 
@@ -33,13 +35,15 @@ def _log(message: str) -> None:
 
 
 def read_sentences(path: str | None) -> list[str]:
-    """One sentence per line; the kit's own calibration set when no file is given."""
+    """Sentences, one or more per line; the kit's own calibration set when no file is given.
+    Lines are split into sentences as the runtime splits them, so every held-out text is one
+    sentence (the end-to-end comparison generates each at a fixed length)."""
     text = Path(path).read_text(encoding="utf-8") if path else files("ditarkit.calibration").joinpath(
         "sentences.txt").read_text(encoding="utf-8")
-    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    sentences = [s for line in text.splitlines() for s in split_sentences(line)]
     if len(sentences) < HELDOUT_EVERY:
-        raise ValueError(f"need at least {HELDOUT_EVERY} sentences to calibrate and hold some out, "
-                         f"got {len(sentences)}")
+        raise CalibrationError(f"need at least {HELDOUT_EVERY} sentences to calibrate and hold some out, "
+                               f"got {len(sentences)}")
     return sentences
 
 
@@ -56,44 +60,66 @@ def read_sentences(path: str | None) -> list[str]:
               help="Recorded feeds kept per graph.")
 @click.option("--compare", "compare", multiple=True, type=click.Path(file_okay=False),
               help="Another bundle (fp16, say) to put in the end-to-end comparison.")
-@click.option("--save-activations", type=click.Path(dir_okay=False), help="Keep the recorded feeds (npz).")
+@click.option("--save-activations", type=click.Path(dir_okay=False),
+              help="Also keep the recorded calibration feeds (npz; read back with Recording.load).")
 @click.option("--max-seconds", type=click.FloatRange(min=0.1), help="Cap on audio per sentence.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(references, bundle, out, texts, target, samples, compare, save_activations, max_seconds, seed) -> None:
     """Quantize an fp32 bundle to INT8 from activations recorded while it speaks, and report
     the error per graph and end to end."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    bundle = Path(bundle) if bundle else default_bundle_dir("fp32")
-    out = Path(out) if out else bundle.with_name(f"{bundle.name.removesuffix('-fp32')}-int8")
+    # ONNX Runtime's quantizer warns through the root logger on every graph ("consider
+    # pre-processing"); the graphs are already folded and checked, so only errors are shown.
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     try:
-        report = calibrate(bundle, out, list(references), read_sentences(texts), target, samples,
-                           [Path(c) for c in compare], save_activations, max_seconds, seed)
+        bundle = (Path(bundle) if bundle else default_bundle_dir("fp32")).resolve()
+        out = Path(out).resolve() if out else bundle.with_name(f"{bundle.name.removesuffix('-fp32')}-int8")
+        sentences = read_sentences(texts)
+        check_inputs(bundle, out, sentences, [Path(c) for c in compare])
+        report = atomic_dir(out, lambda staging: calibrate(
+            bundle, staging, list(references), sentences, target, samples, [Path(c) for c in compare],
+            save_activations, max_seconds, seed))
     except USER_ERRORS as err:
-        raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        raise click.ClickException(str(err)) from None
     click.echo(format_report(report))
     click.echo(f"bundle: {out}\nreport: {out / REPORT_FILE}")
+
+
+def check_inputs(bundle: Path, out: Path, sentences: list[str], compare: list[Path]) -> None:
+    """Everything that can be refused is refused before minutes of recording."""
+    manifest = load_manifest(bundle)
+    require_fp32(manifest, bundle)
+    if out == bundle or out in bundle.parents or bundle in out.parents:
+        raise CalibrationError(f"the INT8 bundle {out} would overwrite the fp32 bundle {bundle}: choose another -o")
+    frontend = TextFrontend(manifest.config.text)
+    for sentence in sentences:
+        frontend.encode(sentence)  # raises TextError naming the sentence's problem
+    for path in compare:
+        if load_manifest(path, verify_files=False).config != manifest.config:
+            raise CalibrationError(f"{path} is not a bundle of the same model as {bundle}")
 
 
 def calibrate(bundle: Path, out: Path, references: list[str], sentences: list[str], target: str,
               samples: int, compare: list[Path], save_activations: str | None, max_seconds: float | None,
               seed: int) -> dict[str, Any]:
+    """Record, quantize into `out`, measure, and write the report there."""
     heldout, calibration = sentences[::HELDOUT_EVERY], [s for i, s in enumerate(sentences) if i % HELDOUT_EVERY]
     _log(f"recording activations: {len(calibration)} sentences, {len(references)} voice(s)")
     recording = record(bundle, calibration, references, samples, seed, max_seconds, log=_log)
     if save_activations:
         recording.save(save_activations)
-    manifest = quantize_bundle(bundle, out, recording, target, log=_log)
+    manifest = write_quantized(bundle, out, recording, target, log=_log)
     _log(f"measuring on {len(heldout)} held-out sentences")
-    heldout_recording = record(bundle, heldout, references, samples, seed + 1, max_seconds, log=_log)
+    heldout_seed = seed + HELDOUT_SEED_OFFSET
+    heldout_recording = record(bundle, heldout, references, samples, heldout_seed, max_seconds, log=_log)
     errors = graph_errors(OrtRunner(bundle), OrtRunner(out), heldout_recording, QUANTIZED_GRAPHS)
     candidates = {"int8": Synthesizer(out, backend="onnxruntime")}
     candidates.update({_label(path): Synthesizer(path, backend="onnxruntime") for path in compare})
-    mel = end_to_end(Synthesizer(bundle, backend="onnxruntime"), candidates, heldout, references, seed, max_seconds,
-                     log=_log)
+    mel = end_to_end(Synthesizer(bundle, backend="onnxruntime"), candidates, heldout, references, heldout_seed,
+                     max_seconds, log=_log)
     report = {"bundle": str(out), "source": str(bundle), "quantization": manifest.quantization,
               "graph_errors": [e.to_dict() for e in errors], "mel_distance_db": mel,
               "heldout_sentences": heldout}
-    atomic_write(out / REPORT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))  # `out` is staging: swapped in whole
     return report
 
 
@@ -103,13 +129,13 @@ def _label(path: Path) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     graphs = report["quantization"]["graphs"]
-    lines = ["graph            layers int8/fp32  size int8/fp32  worst rel. error  median SNR"]
+    lines = ["graph            int8 layers/all  size int8/fp32  worst rel. error  median SNR"]
     for error in report["graph_errors"]:
         name = error["graph"]
         info = graphs[name]
         layers = f"{info['quantized_layers']}/{info['quantized_layers'] + len(info['fp32_layers'])}"
         size = f"{info['bytes']['int8'] / info['bytes']['fp32']:.0%}"
-        lines.append(f"{name:<16} {layers:>16}  {size:>14}  {error['worst_relative']:>16.2e}  "
+        lines.append(f"{name:<16} {layers:>15}  {size:>14}  {error['worst_relative']:>16.2e}  "
                      f"{error['median_snr_db']:>7.1f} dB")
     lines.append("")
     lines.append("end to end, log-mel distance to fp32 (same seed, same length):")

@@ -13,7 +13,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from ditarkit.calibration.record import Feeds, Recording
+from ditarkit.calibration.record import CalibrationError, Feeds, Log, Recording, require_fp32
 from ditarkit.export.graphfile import declare_io_shapes, share_equal_initializers, stamp
 from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.manifest import (
@@ -39,8 +39,6 @@ from ditarkit.runtime.manifest import (
     load_manifest,
     signature_digest,
 )
-
-Log = Callable[[str], None]
 
 QUANTIZED_GRAPHS = (LM, LOCDIT, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER)  # run once or more per patch
 KEPT_GRAPHS = {  # graph -> why it stays fp32
@@ -99,9 +97,12 @@ def weight_layers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], signature: str,
                    target: Target) -> dict[str, Any]:
-    """One graph: calibrate MinMax ranges on `samples`, write stamped Q/DQ ONNX to `dst`."""
+    """One graph: calibrate activation ranges on `samples`, write stamped Q/DQ ONNX to `dst`."""
     model = onnx.load(str(src))
     nodes, kept = weight_layers(model)
+    if not nodes:  # ONNX Runtime reads an empty node list as "quantize every node"
+        raise CalibrationError(f"{spec.name} has no weight layer left to quantize")
+    method = CalibrationMethod.Percentile if spec.name in CLIPPED_GRAPHS else CalibrationMethod.MinMax
     # The calibrator's augmented model goes to scratch; its histogram notes (printed) go to
     # stderr with the other progress, since stdout carries the report.
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
@@ -110,7 +111,7 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
             str(src), str(out), FeedsReader(samples), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=nodes, per_channel=True,
             activation_type=target.activations, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.Percentile if spec.name in CLIPPED_GRAPHS else CalibrationMethod.MinMax,
+            calibrate_method=method,
             extra_options={"ActivationSymmetric": target.symmetric_activations, "WeightSymmetric": True,
                            "CalibPercentile": PERCENTILE,
                            # Q/DQ on a layer's inputs only: its fp32 output is not requantized on
@@ -124,6 +125,7 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
     onnx.checker.check_model(quantized, full_check=True)
     onnx.save(quantized, str(dst))
     return {"quantized_layers": len(nodes), "fp32_layers": kept,
+            "ranges": f"percentile {PERCENTILE}" if method == CalibrationMethod.Percentile else "min-max",
             "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node),
             "calibration_samples": len(samples),
             "bytes": {"fp32": src.stat().st_size, "int8": dst.stat().st_size}}
@@ -131,30 +133,30 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
 
 def quantize_bundle(bundle: str | Path, out: str | Path, recording: Recording, target: str = "onnxruntime",
                     log: Log = lambda _msg: None) -> Manifest:
-    """Write an INT8 bundle at `out` from the fp32 `bundle` and its recorded activations."""
+    """Write an INT8 bundle at `out` (atomically) from the fp32 `bundle` and its recordings."""
+    return atomic_dir(out, lambda staging: write_quantized(bundle, staging, recording, target, log))
+
+
+def write_quantized(bundle: str | Path, out: Path, recording: Recording, target: str = "onnxruntime",
+                    log: Log = lambda _msg: None) -> Manifest:
+    """Fill the empty folder `out` with the INT8 bundle of the fp32 `bundle`."""
     bundle = Path(bundle)
     source = load_manifest(bundle)
-    if source.precision != "fp32":
-        raise ValueError(f"{bundle} is a {source.precision} bundle: quantize an fp32 bundle")
+    require_fp32(source, bundle)
     chosen = TARGETS[target]
-
-    def build(staging: Path) -> Manifest:
-        graphs, report = {}, {}
-        for index, (name, spec) in enumerate(source.graphs.items(), 1):
-            dst = staging / spec.file
-            if name in QUANTIZED_GRAPHS:
-                log(f"[{index}/{len(source.graphs)}] quantizing {name} on {len(recording.feeds[name])} recorded feeds")
-                report[name] = quantize_graph(bundle / spec.file, dst, spec, recording.feeds[name],
-                                              signature_digest(source.config, spec), chosen)
-            else:
-                shutil.copyfile(bundle / spec.file, dst)
-            graphs[name] = replace(spec, sha256=file_sha256(dst))
-        manifest = replace(source, precision="int8", graphs=graphs,
-                           quantization=_description(chosen, recording, report))
-        manifest.save(staging)
-        return manifest
-
-    return atomic_dir(out, build)
+    graphs, report = {}, {}
+    for index, (name, spec) in enumerate(source.graphs.items(), 1):
+        dst = out / spec.file
+        if name in QUANTIZED_GRAPHS:
+            log(f"[{index}/{len(source.graphs)}] quantizing {name} on {len(recording.feeds[name])} recorded feeds")
+            report[name] = quantize_graph(bundle / spec.file, dst, spec, recording.feeds[name],
+                                          signature_digest(source.config, spec), chosen)
+        else:
+            shutil.copyfile(bundle / spec.file, dst)
+        graphs[name] = replace(spec, sha256=file_sha256(dst))
+    manifest = replace(source, precision="int8", graphs=graphs, quantization=_description(chosen, recording, report))
+    manifest.save(out)
+    return manifest
 
 
 def _description(target: Target, recording: Recording, graphs: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +168,7 @@ def _description(target: Target, recording: Recording, graphs: dict[str, Any]) -
         "target": target.name,
         "activations": target.note,
         "weights": "int8 symmetric, per output channel",
-        "calibration": {"method": "MinMax", "percentile": {g: PERCENTILE for g in CLIPPED_GRAPHS},
-                        "sentences": recording.sentences,
+        "calibration": {"sentences": recording.sentences,
                         "references": [Path(r).name for r in recording.references]},
         "ops": list(QUANTIZED_OPS),
         "fp32_scopes": KEEP_SCOPES,

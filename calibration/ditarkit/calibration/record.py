@@ -17,11 +17,20 @@ import numpy as np
 
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, LOCDIT_SAMPLER, GraphSpec
+from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, LOCDIT_SAMPLER, GraphSpec, Manifest
 from ditarkit.runtime.synthesizer import Synthesizer
 
 Feeds = dict[str, np.ndarray]
 Log = Callable[[str], None]
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run on these inputs (a bundle that is not fp32, unusable text...)."""
+
+
+def require_fp32(manifest: Manifest, bundle: str | Path) -> None:
+    if manifest.precision != "fp32":
+        raise CalibrationError(f"{bundle} is a {manifest.precision} bundle: calibrate from an fp32 bundle")
 PER_GRAPH = 48  # feeds kept per graph: enough for MinMax ranges, small enough for memory
 
 
@@ -120,8 +129,7 @@ def record(
 ) -> Recording:
     """Speak each text with the references in turn through the fp32 bundle; keep the feeds."""
     runner = RecordingRunner(bundle, per_graph, seed)
-    if runner.manifest.precision != "fp32":
-        raise ValueError(f"{bundle} is a {runner.manifest.precision} bundle: calibrate from an fp32 bundle")
+    require_fp32(runner.manifest, bundle)
     synth = Synthesizer.from_runner(runner)
     refs = [str(r) for r in references]
     voices = [synth.voice(r) for r in refs]

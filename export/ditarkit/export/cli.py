@@ -76,7 +76,7 @@ def main(checkpoint, preset_name, out, fp16, opset, trt, parity, seed) -> None:
             log("checking parity against PyTorch (ONNX Runtime, CPU)")
             results = check_bundle(model, out, precision)
         _build_engines(out, trt)
-    except (CheckpointError, ConfigError, BundleError) as err:
+    except (CheckpointError, ConfigError, BundleError, OSError) as err:
         raise click.ClickException(str(err)) from None
     _summary(out, manifest, results, time.perf_counter() - start)
     if results and not all(r.ok for r in results):

@@ -37,7 +37,8 @@ def stamp(graph: onnx.ModelProto, signature: str) -> None:
 def share_equal_initializers(graph: onnx.ModelProto) -> None:
     """Make byte-identical initializers one: tracing the unrolled LocDiT sampler copies every
     weight once per solver step (73 MB instead of 8 MB for the default voice), and quantizing
-    it may copy their scales and zero points."""
+    it may copy their scales and zero points. Bundle graphs have no subgraphs and no
+    initializer as a graph output, so renaming top-level node inputs is enough."""
     first: dict[tuple, str] = {}
     renamed: dict[str, str] = {}
     kept = []

@@ -90,13 +90,16 @@ def _detach_outputs(graph: onnx.ModelProto, kept: set[str]) -> None:
     converter would otherwise insert an fp16 round trip there that it then fails to remove
     ("The downstream node of the second cast node should be graph output"). The output is
     rounded to fp16 once, as every other fp16 graph output is."""
+    nodes = graph.graph.node
     for output in graph.graph.output:
-        producer = next((n for n in graph.graph.node if output.name in n.output), None)
-        if producer is None or producer.name not in kept:
+        index = next((i for i, n in enumerate(nodes) if output.name in n.output), None)
+        if index is None or nodes[index].name not in kept:
             continue
         inner = f"{output.name}_fp32"
+        producer = nodes[index]
         producer.output[list(producer.output).index(output.name)] = inner
-        graph.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], name=f"{output.name}_out"))
+        # right after its producer, so any reader of the output inside the graph stays in order
+        nodes.insert(index + 1, onnx.helper.make_node("Identity", [inner], [output.name], name=f"{output.name}_out"))
 
 
 def remove_fp16_round_trips(graph: onnx.ModelProto) -> onnx.ModelProto:

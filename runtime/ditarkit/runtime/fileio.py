@@ -29,10 +29,13 @@ def atomic_write(target: str | Path, write: Callable[[str], None]) -> Path:
     return target
 
 
-def atomic_dir(target: str | Path, build: Callable[[Path], T]) -> T:
-    """Call `build(staging)` on a staging folder beside `target`, then swap it into place;
-    an existing folder at `target` is removed only after the swap."""
+def atomic_dir(target: str | Path, build: Callable[[Path], T], marker: str = "manifest.json") -> T:
+    """Call `build(staging)` on a staging folder beside `target`, then swap it into place.
+    An existing folder at `target` is replaced (after the swap) only if it is empty or holds
+    `marker`, i.e. is an earlier output of the same kind: never a folder of the user's."""
     target = Path(target)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / marker).exists())):
+        raise FileExistsError(f"{target} exists and is not a bundle: refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:

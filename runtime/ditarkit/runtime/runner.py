@@ -17,9 +17,14 @@ from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step, sample_patch
 from ditarkit.runtime.manifest import (
     LM,
+    LM_EMBEDS,
+    LM_PAST_KEYS,
+    LM_PAST_VALUES,
+    LM_POSITION,
     LOCDIT,
     LOCDIT_SAMPLER,
     PATCH_ENCODER,
+    SAMPLER_RENOISE_STEP,
     TEXT_EMBEDDING,
     VAE_DECODER,
     VAE_ENCODER,
@@ -105,10 +110,10 @@ class GraphRunner:
         return KVCache.empty(self.config, capacity)
 
     def lm_step(self, embeds: np.ndarray, state: KVCache) -> tuple[np.ndarray, float]:
-        hidden, stop, new_keys, new_values = self._call(
-            LM, embeds=embeds[None].astype(np.float32, copy=False), past_keys=state.keys,
-            past_values=state.values, position=np.array([state.position], np.int64),
-        )
+        hidden, stop, new_keys, new_values = self._call(LM, **{
+            LM_EMBEDS: embeds[None].astype(np.float32, copy=False), LM_PAST_KEYS: state.keys,
+            LM_PAST_VALUES: state.values, LM_POSITION: np.array([state.position], np.int64),
+        })
         state.append(new_keys, new_values)
         return hidden[0], float(stop[0])
 
@@ -125,11 +130,12 @@ class GraphRunner:
     def sampler_feeds(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
                       temperature: float) -> dict[str, np.ndarray]:
         """The fused sampler's inputs; the temperature rule is resolved here, in one place."""
-        return self.specs[LOCDIT_SAMPLER].bind(
-            x_init=initial_state(noise, temperature), renoise=noise[1],
-            renoise_step=np.array([renoise_step(nfe, temperature)], np.int64),
-            cfg_scale=np.array([cfg_scale], np.float32), cond=cond.astype(np.float32, copy=False), history=history,
-        )
+        return self.specs[LOCDIT_SAMPLER].bind(**{
+            "x_init": initial_state(noise, temperature), "renoise": noise[1],
+            SAMPLER_RENOISE_STEP: np.array([renoise_step(nfe, temperature)], np.int64),
+            "cfg_scale": np.array([cfg_scale], np.float32), "cond": cond.astype(np.float32, copy=False),
+            "history": history,
+        })
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         return self._call(VAE_ENCODER, audio=audio[None].astype(np.float32, copy=False))[0][0]

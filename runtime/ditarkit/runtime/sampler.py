@@ -66,6 +66,13 @@ class GenerationOptions:
         return replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def exact_length(options: GenerationOptions, patches: int, patch_seconds: float) -> GenerationOptions:
+    """Options that make exactly `patches` patches per sentence: the stop head is ignored,
+    and max_seconds gets half a patch of slack (the sampler truncates max_seconds /
+    patch_seconds, and 0.3 / 0.1 is 2.999... in floating point)."""
+    return replace(options, max_seconds=(patches + 0.5) * patch_seconds, stop_threshold=NEVER_STOP)
+
+
 def seeded_noise(seed: int, patch_size: int, latent_dim: int) -> NoiseFn:
     """Noise drawn patch by patch from one seeded generator, so a stream is reproducible."""
     rng = np.random.default_rng(seed)

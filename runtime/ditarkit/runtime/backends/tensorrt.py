@@ -122,8 +122,10 @@ def build_engines(bundle: str | Path, log: Callable[[str], None] = lambda _m: No
         config = CreateConfig(
             profiles=[profile], load_timing_cache=timing,
             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: WORKSPACE_BYTES},
-            # TensorRT 8.6 has no strongly typed networks: let it pick fp16 kernels instead.
+            # TensorRT 8.6 has no strongly typed networks: let it pick fp16 kernels instead,
+            # and enable INT8 for a Q/DQ network.
             fp16=(manifest.precision == "fp16" and not strongly_typed),
+            int8=(manifest.precision == "int8" and not strongly_typed),
         )
         path = engines / f"{name}-{engine_key(spec, device)}.plan"
         SaveEngine(EngineFromNetwork(network, config, save_timing_cache=timing), str(path))()
@@ -266,7 +268,7 @@ class TensorRTRunner(GraphRunner):
         kv_shape = (lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim)
         shapes = {LM_EMBEDS: embeds.shape, LM_PAST_KEYS: kv_shape, LM_PAST_VALUES: kv_shape, LM_POSITION: (1,)}
         addresses = {k: b.ptr for k, b in io.items()}
-        addresses.update(past_keys=state.keys.ptr, past_values=state.values.ptr)
+        addresses.update({LM_PAST_KEYS: state.keys.ptr, LM_PAST_VALUES: state.values.ptr})
         self._execute(LM, shapes, addresses)
         for new, cache in ((LM_NEW_KEYS, state.keys), (LM_NEW_VALUES, state.values)):
             self._insert(io[new], cache, state, steps)
