@@ -16,8 +16,9 @@ from conftest import BLOCK_TORCH, speech_like
 
 from ditarkit.export.bundle import export_bundle
 from ditarkit.reference.runner import TorchRunner
-from ditarkit.runtime.backends.onnxrt import OrtIOBindingRunner, OrtRunner
+from ditarkit.runtime.backends.onnxrt import OrtIOBindingRunner, OrtRunner, default_threads
 from ditarkit.runtime.cli import main as run_main
+from ditarkit.runtime.config import preset
 from ditarkit.runtime.manifest import MANIFEST_FILE
 from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_latents
 from ditarkit.runtime.synthesizer import StreamStats, Synthesizer
@@ -221,3 +222,8 @@ def test_a_sentence_with_nothing_to_say_is_skipped_not_fatal(bundle, reference_w
     chunks = list(synth.stream(stats_text, synth.voice(reference_wav), synth.options(max_seconds=0.2), stats=stats))
     assert stats.sentences == ["Hello there.", "How are you?"]
     assert len(chunks) == stats.patches > 0
+
+
+def test_small_models_default_to_one_onnxruntime_thread():
+    assert default_threads(preset("tiny")) == 1 and default_threads(preset("small")) == 1
+    assert default_threads(preset("paper")) is None  # ONNX Runtime's own default: all cores

@@ -77,7 +77,8 @@ class BenchCommand(click.Command):
 @click.option("--ref", type=click.Path(dir_okay=False, exists=True),
               help=f"Reference voice. Default: a synthetic speech-like signal of {REFERENCE_SECONDS:.0f} s.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="CPU threads of ONNX Runtime and torch (default: all).")
+@click.option("--threads", type=click.IntRange(1),
+              help="CPU threads of ONNX Runtime and torch (default: the runtime's choice; torch: all).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device of the PyTorch row (ONNX Runtime takes CUDA wherever onnxruntime-gpu is installed).")
 @click.option("--skip", multiple=True, type=click.Choice(ROWS), help="Leave these rows out (repeatable).")

@@ -40,7 +40,9 @@ def _echo_err(message: str) -> None:
 @click.option("--max-seconds", type=float, help="Cap on audio per sentence.")
 @click.option("--chunk-patches", type=click.IntRange(1, 64), default=MAX_CHUNK_PATCHES, show_default=True,
               help="Largest audio chunk, in patches: chunks grow 1, 2, 4, ... up to it (1 = lowest latency).")
-@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--threads", type=click.IntRange(1),
+              help="CPU threads for ONNX Runtime (default: 1 for small models such as the default voice, "
+                   "else all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def main(text, text_file, reference, output, bundle, backend, cfg_scale, temperature, nfe, seed,
          max_seconds, chunk_patches, threads, quiet) -> None:
