@@ -7,6 +7,9 @@ from conftest import speech_like
 
 # fp32 math reordered (one fused call vs. many steps): a few ulps of values of size ~1.
 CACHE_TOLERANCE = 1e-5
+# Rotary against a complex rotation: the same fp32 angles (up to ~4 rad), multiplied in
+# another order: a few ulps.
+ROTARY_TOLERANCE = 1e-5
 
 
 def _embeds(model, steps: int, seed: int = 0) -> torch.Tensor:
@@ -79,6 +82,31 @@ def test_locdit_patch_output_depends_on_every_prefix_token(tiny_model):
         moved = history.clone()
         moved[:, frame] += 1.0
         assert (tiny_model.locdit(x, t, cond, moved) - base).abs().max() > 1e-4, frame
+
+
+@torch.no_grad()
+def test_asking_for_the_last_positions_only_gives_the_same_numbers(tiny_model):
+    transformer = tiny_model.locdit.transformer
+    x = torch.randn(2, 13, transformer.cfg.dim, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(13)
+    full, keys, values = transformer(x, positions)
+    last, keys_last, values_last = transformer(x, positions, outputs=4)
+    assert last.shape == (2, 4, transformer.cfg.dim)
+    assert (last - full[:, -4:]).abs().max() <= CACHE_TOLERANCE
+    assert torch.equal(keys, keys_last) and torch.equal(values, values_last)
+
+
+def test_rotary_turns_each_pair_by_position_times_frequency():
+    from ditarkit.reference.model import RotaryEmbedding, apply_rotary
+
+    head_dim, positions = 8, torch.arange(5)
+    cos, signed_sin = RotaryEmbedding(head_dim, base=10_000.0)(positions)
+    x = torch.randn(5, head_dim, generator=torch.Generator().manual_seed(2))
+    half = head_dim // 2
+    angles = positions[:, None] * 10_000.0 ** (-torch.arange(half) * 2 / head_dim)
+    turned = torch.complex(x[:, :half], x[:, half:]) * torch.polar(torch.ones_like(angles), angles)
+    assert torch.allclose(apply_rotary(x, cos, signed_sin), torch.cat([turned.real, turned.imag], -1),
+                          atol=ROTARY_TOLERANCE)
 
 
 @torch.no_grad()

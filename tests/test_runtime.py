@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from ditarkit.runtime.cli import main as run_main
 from ditarkit.runtime.config import preset
 from ditarkit.runtime.manifest import MANIFEST_FILE
 from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_latents
-from ditarkit.runtime.synthesizer import StreamStats, Synthesizer
+from ditarkit.runtime.synthesizer import StreamingDecoder, StreamStats, Synthesizer
 
 # ORT fp32 vs PyTorch over a whole synthesis: per-graph errors ~1e-6 fed back through
 # 10 patches of 10 solver steps stay well inside 1e-4.
@@ -137,6 +138,35 @@ def test_chunks_grow_from_one_patch_to_the_cap(bundle, reference_wav):
         sizes = [len(c) // samples_per_patch for c in synth.stream("hello world", voice, options, noise, stats,
                                                                    max_chunk_patches=cap)]
         assert sizes[:3] == head and max(sizes) == cap and sum(sizes) == stats.patches
+
+
+def test_background_decoding_returns_the_same_chunks_in_order(bundle):
+    runner = OrtRunner(bundle)
+    cfg = runner.config
+    patches = np.random.default_rng(5).standard_normal((9, cfg.patch_size, cfg.audio.latent_dim)).astype(np.float32)
+
+    def chunks(executor):
+        decoder = StreamingDecoder(runner, executor=executor)
+        first = decoder.push(patches[0])
+        assert len(first) == 1  # the first chunk never waits for a worker
+        return first + [chunk for patch in patches[1:] for chunk in decoder.push(patch)] + decoder.finish()
+
+    with ThreadPoolExecutor(1) as worker:
+        threaded = chunks(worker)
+    inline = chunks(None)
+    assert [len(c) for c in threaded] == [len(c) for c in inline]
+    assert all(np.array_equal(a, b) for a, b in zip(threaded, inline))
+
+
+def test_decoding_goes_to_a_spare_core_only(bundle, monkeypatch):
+    from ditarkit.runtime.backends import onnxrt
+
+    runner = OrtRunner(bundle, threads=1)
+    monkeypatch.setattr(onnxrt, "usable_cores", lambda: 1)
+    assert not runner.decodes_in_background()
+    monkeypatch.setattr(onnxrt, "usable_cores", lambda: 2)
+    assert runner.decodes_in_background()
+    assert not OrtRunner(bundle, threads=2).decodes_in_background()
 
 
 def _run(args):

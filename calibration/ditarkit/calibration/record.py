@@ -84,6 +84,9 @@ class RecordingRunner(OrtRunner):
         self.kept: dict[str, list[Feeds]] = {}
         self.seen: dict[str, int] = {}
 
+    def decodes_in_background(self) -> bool:
+        return False  # one thread: the seeded reservoir sees the feeds in a fixed order
+
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self._offer(name, feeds)
         return super().run(name, feeds)

@@ -45,15 +45,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and the sign-folded sin that `apply_rotary` takes."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (S, hd/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
-        return angles.cos(), angles.sin()
+        sin = angles.sin()
+        return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate-half rotary positions, x * cos + [-x2, x1] * sin, with the minus sign carried
+    by the table (the same numbers: one Neg per call less, computed once per sequence)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):
@@ -75,12 +78,14 @@ class Attention(nn.Module):
         mask: Tensor | None,  # (S, K) additive, K = past + S
         past_k: Tensor | None = None,  # (B, Hkv, M, hd)
         past_v: Tensor | None = None,
+        queries: int | None = None,  # only the last `queries` positions ask (all still answer)
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        n = s if queries is None else queries
+        q = self.q(x[:, s - n :]).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, hd)
         k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos[s - n :], sin[s - n :]), apply_rotary(k, cos, sin)
         keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, Hkv, K, hd)
         values = v if past_v is None else torch.cat([past_v, v], dim=2)
         keys, values = self._repeat_kv(keys), self._repeat_kv(values)  # (B, H, K, hd)
@@ -89,8 +94,8 @@ class Attention(nn.Module):
             scores = scores + mask
         probs = scores.softmax(dim=-1)  # (B, H, S, K)
         self.probs = probs if self.record_probs else None
-        out = probs @ values  # (B, H, S, hd)
-        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        out = probs @ values  # (B, H, n, hd)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
         return self.o(out), k, v
 
     def _repeat_kv(self, x: Tensor) -> Tensor:
@@ -121,9 +126,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
 
-    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
-        attn, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v)
-        x = x + attn
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None, queries=None):
+        attn, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v, queries)
+        x = x[:, x.shape[1] - attn.shape[1] :] + attn
         return x + self.mlp(self.mlp_norm(x)), k, v
 
 
@@ -144,13 +149,18 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,  # (S, K)
         past_keys: Tensor | None = None,  # (L, B, Hkv, M, hd)
         past_values: Tensor | None = None,
+        outputs: int | None = None,  # only the last `outputs` positions are wanted
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """With `outputs`, the last block computes queries, attention output and MLP for
+        those positions alone (the rest still give it keys and values): the same numbers for
+        a fraction of the last block's work."""
         cos, sin = self.rotary(positions)
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
             past_k = None if past_keys is None else past_keys[i]
             past_v = None if past_values is None else past_values[i]
-            x, k, v = block(x, cos, sin, mask, past_k, past_v)
+            queries = outputs if i == len(self.blocks) - 1 else None
+            x, k, v = block(x, cos, sin, mask, past_k, past_v, queries)
             new_keys.append(k)
             new_values.append(v)
         return self.norm(x), torch.stack(new_keys), torch.stack(new_values)  # keys (L, B, Hkv, S, hd)
@@ -256,8 +266,9 @@ class LocDiT(nn.Module):
     ) -> Tensor:
         c = self.cond_proj(cond) + self.time_embed(t)  # (B, d)
         tokens = torch.cat([c[:, None], self.history_proj(history), self.noisy_proj(x)], dim=1)
-        y, _, _ = self.transformer(tokens, torch.arange(tokens.shape[1]))  # bidirectional
-        return self.out_proj(y[:, -self.patch_size :])  # (B, P, C)
+        # Bidirectional; only the patch positions' velocities are read out.
+        y, _, _ = self.transformer(tokens, torch.arange(tokens.shape[1]), outputs=self.patch_size)
+        return self.out_proj(y)  # (B, P, C)
 
 
 # --------------------------------------------------------------------------------------

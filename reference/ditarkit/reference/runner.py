@@ -24,7 +24,7 @@ from ditarkit.runtime.manifest import (
     VAE_ENCODER,
     graph_signatures,
 )
-from ditarkit.runtime.runner import GraphRunner
+from ditarkit.runtime.runner import GraphRunner, usable_cores
 
 
 class VAEEncoderGraph(nn.Module):
@@ -149,3 +149,8 @@ class TorchRunner(GraphRunner):
         args = (torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in self.specs[name].input_names)
         out = self.graphs[name](*args)
         return [o.cpu().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    def decodes_in_background(self) -> bool:
+        # As the ONNX Runtime runner does, so that benchmarks compare engines, not loops.
+        on_cpu = self.model.text_embedding.weight.device.type == "cpu"
+        return on_cpu and torch.get_num_threads() < usable_cores()

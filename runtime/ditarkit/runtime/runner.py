@@ -8,6 +8,7 @@ LM, LocDiT velocity, VAE). The PyTorch reference, ONNX Runtime and TensorRT diff
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +85,13 @@ class KVCache:
         self.position = end
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class GraphRunner:
     """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
 
@@ -96,6 +104,11 @@ class GraphRunner:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def decodes_in_background(self) -> bool:
+        """Whether the VAE decoder may run on another thread while the next patches are
+        drawn: only where `run` is thread-safe and a CPU core would otherwise sit idle."""
+        return False
 
     def _call(self, name: str, **arrays: np.ndarray) -> list[np.ndarray]:
         return self.run(name, self.specs[name].bind(**arrays))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,9 +94,15 @@ MAX_CHUNK_PATCHES = 4
 class StreamingDecoder:
     """Turns patches into audio as they arrive. The VAE decoder is causal with a receptive
     field of `context` frames, so decoding each new chunk with that much left context gives
-    the same samples as decoding everything at the end."""
+    the same samples as decoding everything at the end.
 
-    def __init__(self, runner: GraphRunner, max_chunk_patches: int = MAX_CHUNK_PATCHES) -> None:
+    With an `executor`, chunks after the first are decoded on it while the caller draws the
+    next patches (the backends release the GIL), taking the VAE off the critical path where
+    a core is spare. The first chunk is decoded at once: it is the latency a listener waits
+    for. Chunks come out in order either way."""
+
+    def __init__(self, runner: GraphRunner, max_chunk_patches: int = MAX_CHUNK_PATCHES,
+                 executor: Executor | None = None) -> None:
         if max_chunk_patches < 1:
             raise ValueError("max_chunk_patches must be >= 1")
         self.runner = runner
@@ -102,27 +110,48 @@ class StreamingDecoder:
         self.hop = runner.config.audio.hop_length
         self.patch_size = runner.config.patch_size
         self.max_chunk_patches = max_chunk_patches
+        self.executor = executor
         self.chunk_patches = 1  # size of the next chunk
         self.frames: list[np.ndarray] = []  # (C,) each
-        self.decoded = 0  # frames already turned into audio
+        self.decoded = 0  # frames already handed to the decoder
+        self.pending: deque[Future] = deque()  # chunks in order, decoded or being decoded
 
-    def push(self, patch: np.ndarray) -> np.ndarray | None:
-        """(P, C) new frames -> the audio of a chunk when one is complete, else None."""
+    def push(self, patch: np.ndarray) -> list[np.ndarray]:
+        """(P, C) new frames -> the chunks whose audio is now ready, in order (often none)."""
         self.frames.extend(patch)
-        if len(self.frames) - self.decoded < self.chunk_patches * self.patch_size:
-            return None
-        self.chunk_patches = min(2 * self.chunk_patches, self.max_chunk_patches)
-        return self.flush()
+        if len(self.frames) - self.decoded >= self.chunk_patches * self.patch_size:
+            self.chunk_patches = min(2 * self.chunk_patches, self.max_chunk_patches)
+            self._decode_new_frames()
+        return self._ready(wait=False)
 
-    def flush(self) -> np.ndarray | None:
-        """The audio of every frame not yet decoded (None if there is none)."""
+    def finish(self) -> list[np.ndarray]:
+        """Every chunk not yet returned, the frames not yet decoded among them."""
+        self._decode_new_frames()
+        return self._ready(wait=True)
+
+    def _decode_new_frames(self) -> None:
         start = self.decoded
         if start == len(self.frames):
-            return None
+            return
         first = max(0, start - self.context)
         window = np.stack(self.frames[first:])  # context + new frames
         self.decoded = len(self.frames)
-        return self.runner.decode_latents(window)[(start - first) * self.hop :].copy()
+        skip = (start - first) * self.hop
+        if self.executor is None or start == 0:
+            done: Future = Future()
+            done.set_result(self._decode(window, skip))
+            self.pending.append(done)
+        else:
+            self.pending.append(self.executor.submit(self._decode, window, skip))
+
+    def _decode(self, window: np.ndarray, skip: int) -> np.ndarray:
+        return self.runner.decode_latents(window)[skip:].copy()
+
+    def _ready(self, wait: bool) -> list[np.ndarray]:
+        ready = []
+        while self.pending and (wait or self.pending[0].done()):
+            ready.append(self.pending.popleft().result())
+        return ready
 
 
 class Synthesizer:
@@ -143,6 +172,9 @@ class Synthesizer:
 
     def _attach(self, runner: GraphRunner) -> None:
         self.runner = runner
+        # One worker: chunks decode in order, one at a time, beside the patch loop.
+        background = runner.decodes_in_background()
+        self._decoder_thread = ThreadPoolExecutor(1, thread_name_prefix="ditar-vae") if background else None
         self.backend = runner.name
         self.config = runner.config
         self.frontend = TextFrontend(self.config.text)
@@ -188,17 +220,15 @@ class Synthesizer:
         noise = noise or seeded_noise(options.seed, self.config.patch_size, self.config.audio.latent_dim)
         start = time.perf_counter()
         for ids in token_ids:
-            decoder = StreamingDecoder(self.runner, max_chunk_patches)
+            decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread)
             for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
                 stats.patches += 1
                 if on_patch:
                     on_patch(stats.patches)
-                chunk = decoder.push(patch)
-                if chunk is not None:
+                for chunk in decoder.push(patch):
                     yield self._count(chunk, stats, start)
-            tail = decoder.flush()
-            if tail is not None:
-                yield self._count(tail, stats, start)
+            for chunk in decoder.finish():
+                yield self._count(chunk, stats, start)
 
     def _count(self, chunk: np.ndarray, stats: StreamStats, start: float) -> np.ndarray:
         stats.audio_seconds += len(chunk) / self.sample_rate

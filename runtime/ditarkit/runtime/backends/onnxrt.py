@@ -27,7 +27,7 @@ from ditarkit.runtime.manifest import (
     load_manifest,
     signature_digest,
 )
-from ditarkit.runtime.runner import GraphRunner
+from ditarkit.runtime.runner import GraphRunner, usable_cores
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -94,7 +94,8 @@ class OrtRunner(GraphRunner):
         self.config = self.manifest.config
         self.specs = self.manifest.graphs
         self.providers = providers or default_providers()
-        options = session_options(threads or default_threads(self.config))
+        self.threads = threads or default_threads(self.config)  # None: all cores
+        options = session_options(self.threads)
         self.sessions = {
             name: open_session(bundle, self.specs[name], self.config, self.providers, options)
             for name in GRAPH_NAMES
@@ -102,6 +103,11 @@ class OrtRunner(GraphRunner):
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[name].run(self.specs[name].output_names, feeds)
+
+    def decodes_in_background(self) -> bool:
+        # Sessions run concurrently and release the GIL. On a GPU the kernels queue on one
+        # device anyway, so only the CPU provider with a spare core gains.
+        return self.providers == [CPU] and self.threads is not None and self.threads < usable_cores()
 
 
 @dataclass
