@@ -77,17 +77,18 @@ def test_quantized_graphs_hold_qdq_nodes_and_pass_the_checker(setup):
         assert manifest.quantization["graphs"][name]["quantized_layers"] > 0
 
 
-def test_sensitive_layers_stay_fp32(setup):
+def test_sensitive_layers_and_convolutions_stay_fp32(setup):
     _, int8, _, _, manifest = setup
-    kept = 0
+    matched = set()
     for name in QUANTIZED_GRAPHS:
         nodes = onnx.load(str(int8 / manifest.graphs[name].file)).graph.node
         dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
         for node in nodes:
-            if node.op_type in QUANTIZED_OPS and any(scope in node.name for scope in KEEP_SCOPES):
+            scopes = {scope for scope in KEEP_SCOPES if scope in node.name}
+            if node.op_type == "Conv" or (node.op_type in QUANTIZED_OPS and scopes):
                 assert node.input[1] not in dequantized, node.name  # its weight is still the fp32 constant
-                kept += 1
-    assert kept >= 2  # the time embedding (LocDiT) and the stop head (LM) at least
+                matched |= scopes
+    assert matched == set(KEEP_SCOPES)  # every kept scope names layers that exist
 
 
 def test_quantized_graphs_stay_close_to_fp32_on_held_out_activations(setup):

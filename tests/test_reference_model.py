@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import speech_like
 
@@ -94,6 +95,20 @@ def test_asking_for_the_last_positions_only_gives_the_same_numbers(tiny_model):
     assert last.shape == (2, 4, transformer.cfg.dim)
     assert (last - full[:, -4:]).abs().max() <= CACHE_TOLERANCE
     assert torch.equal(keys, keys_last) and torch.equal(values, values_last)
+
+
+@torch.no_grad()
+def test_last_positions_only_respect_the_causal_mask_too(tiny_model):
+    from ditarkit.reference.model import causal_mask
+
+    transformer = tiny_model.lm.transformer
+    x, positions = _embeds(tiny_model, 9), torch.arange(9)
+    mask = causal_mask(9, 0, 0)
+    full, _, _ = transformer(x, positions, mask)
+    last, _, _ = transformer(x, positions, mask, outputs=3)
+    assert (last - full[:, -3:]).abs().max() <= CACHE_TOLERANCE
+    with pytest.raises(ValueError, match="outputs"):
+        transformer(x, positions, mask, outputs=10)
 
 
 def test_rotary_turns_each_pair_by_position_times_frequency():

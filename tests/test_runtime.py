@@ -158,6 +158,18 @@ def test_background_decoding_returns_the_same_chunks_in_order(bundle):
     assert all(np.array_equal(a, b) for a, b in zip(threaded, inline))
 
 
+def test_a_stream_closed_early_does_not_disturb_the_next(bundle, reference_wav):
+    with Synthesizer(bundle, backend="onnxruntime") as synth:
+        voice = synth.voice(reference_wav)
+        noise, options = _fixed_run(synth.config)
+        whole = np.concatenate(list(synth.stream("hello world", voice, options, noise)))
+        stream = synth.stream("hello world", voice, options, noise, max_chunk_patches=1)
+        next(stream), next(stream), next(stream)
+        stream.close()  # the listener hung up with chunks still being decoded
+        again = np.concatenate(list(synth.stream("hello world", voice, options, noise)))
+    assert np.array_equal(whole, again)
+
+
 def test_decoding_goes_to_a_spare_core_only(bundle, monkeypatch):
     from ditarkit.runtime.backends import onnxrt
 
@@ -166,7 +178,7 @@ def test_decoding_goes_to_a_spare_core_only(bundle, monkeypatch):
     assert not runner.decodes_in_background()
     monkeypatch.setattr(onnxrt, "usable_cores", lambda: 2)
     assert runner.decodes_in_background()
-    assert not OrtRunner(bundle, threads=2).decodes_in_background()
+    assert not OrtRunner(bundle, threads=2).decodes_in_background()  # the decoder would take 2 more
 
 
 def _run(args):

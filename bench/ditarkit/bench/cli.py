@@ -40,6 +40,7 @@ from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.config import PRESETS
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import LM, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER, BundleError, load_manifest
+from ditarkit.runtime.runner import usable_cores
 from ditarkit.runtime.sampler import OptionsError
 from ditarkit.runtime.text import TextError
 
@@ -236,7 +237,7 @@ def machine() -> dict[str, str | int]:
     info: dict[str, str | int] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 0,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        "usable_cores": usable_cores(),
         "os": platform.platform(),
         "python": platform.python_version(),
     }

@@ -68,9 +68,9 @@ def _fold_constants(graph: onnx.ModelProto) -> onnx.ModelProto:
     from polygraphy.logger import G_LOGGER
 
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are noise here
-    # Polygraphy prints to stdout, which carries results (ditar-bench's table). Its warning
-    # about folded tensors over a size is about the weights' folded transposes: expected.
-    with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
+    # Polygraphy prints to stdout, which carries results (ditar-bench's table): its notes are
+    # logs. (Its note on large folded tensors is about the weights' folded transposes.)
+    with G_LOGGER.verbosity(G_LOGGER.WARNING), contextlib.redirect_stdout(sys.stderr):
         return fold_constants(graph, num_passes=2, error_ok=True)
 
 

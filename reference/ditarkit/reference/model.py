@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and sin tables (S, head_dim) for positions (S,). A module of its own so that the
+    """cos and signed sin tables (S, head_dim) for positions (S,). A module of its own so that the
     fp16 export can find it by name and keep it in fp32 (angles reach hundreds of radians)."""
 
     def __init__(self, head_dim: int, base: float) -> None:
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         keys, values = self._repeat_kv(keys), self._repeat_kv(values)  # (B, H, K, hd)
         scores = q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, S, K)
         if mask is not None:
-            scores = scores + mask
+            scores = scores + mask[mask.shape[0] - n :]  # the rows of the asking positions
         probs = scores.softmax(dim=-1)  # (B, H, S, K)
         self.probs = probs if self.record_probs else None
         out = probs @ values  # (B, H, n, hd)
@@ -154,6 +154,8 @@ class Transformer(nn.Module):
         """With `outputs`, the last block computes queries, attention output and MLP for
         those positions alone (the rest still give it keys and values): the same numbers for
         a fraction of the last block's work."""
+        if outputs is not None and not 0 < outputs <= x.shape[1]:
+            raise ValueError(f"outputs={outputs} is not within the {x.shape[1]} positions")
         cos, sin = self.rotary(positions)
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):

@@ -153,4 +153,4 @@ class TorchRunner(GraphRunner):
     def decodes_in_background(self) -> bool:
         # As the ONNX Runtime runner does, so that benchmarks compare engines, not loops.
         on_cpu = self.model.text_embedding.weight.device.type == "cpu"
-        return on_cpu and torch.get_num_threads() < usable_cores()
+        return on_cpu and 2 * torch.get_num_threads() <= usable_cores()

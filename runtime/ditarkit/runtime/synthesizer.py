@@ -147,6 +147,12 @@ class StreamingDecoder:
     def _decode(self, window: np.ndarray, skip: int) -> np.ndarray:
         return self.runner.decode_latents(window)[skip:].copy()
 
+    def cancel(self) -> None:
+        """Drop the chunks not yet returned (the caller stopped listening)."""
+        for future in self.pending:
+            future.cancel()  # a chunk already being decoded finishes, unread
+        self.pending.clear()
+
     def _ready(self, wait: bool) -> list[np.ndarray]:
         ready = []
         while self.pending and (wait or self.pending[0].done()):
@@ -169,6 +175,18 @@ class Synthesizer:
         synth = cls.__new__(cls)
         synth._attach(runner)
         return synth
+
+    def close(self) -> None:
+        """Stop the decoder thread, if any (also on leaving a `with` block)."""
+        if self._decoder_thread is not None:
+            self._decoder_thread.shutdown(cancel_futures=True)
+            self._decoder_thread = None
+
+    def __enter__(self) -> Synthesizer:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
     def _attach(self, runner: GraphRunner) -> None:
         self.runner = runner
@@ -221,14 +239,17 @@ class Synthesizer:
         start = time.perf_counter()
         for ids in token_ids:
             decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread)
-            for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
-                stats.patches += 1
-                if on_patch:
-                    on_patch(stats.patches)
-                for chunk in decoder.push(patch):
+            try:
+                for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
+                    stats.patches += 1
+                    if on_patch:
+                        on_patch(stats.patches)
+                    for chunk in decoder.push(patch):
+                        yield self._count(chunk, stats, start)
+                for chunk in decoder.finish():
                     yield self._count(chunk, stats, start)
-            for chunk in decoder.finish():
-                yield self._count(chunk, stats, start)
+            finally:  # a stream closed early leaves no decoding queued before the next one's
+                decoder.cancel()
 
     def _count(self, chunk: np.ndarray, stats: StreamStats, start: float) -> np.ndarray:
         stats.audio_seconds += len(chunk) / self.sample_rate

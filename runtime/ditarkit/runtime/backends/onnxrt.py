@@ -105,9 +105,10 @@ class OrtRunner(GraphRunner):
         return self.sessions[name].run(self.specs[name].output_names, feeds)
 
     def decodes_in_background(self) -> bool:
-        # Sessions run concurrently and release the GIL. On a GPU the kernels queue on one
-        # device anyway, so only the CPU provider with a spare core gains.
-        return self.providers == [CPU] and self.threads is not None and self.threads < usable_cores()
+        # Sessions run concurrently and release the GIL. The decoder's session has as many
+        # threads as the patch loop's, so both fit only on twice those cores. On a GPU the
+        # kernels queue on one device anyway.
+        return self.providers == [CPU] and self.threads is not None and 2 * self.threads <= usable_cores()
 
 
 @dataclass
