@@ -37,6 +37,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    # Flush denormals (|x| < 1.2e-38) to zero on the CPU: they are underflow dust (softmax
+    # tails, tiny activations) that x86 computes slowly. Default voice: the same audio to the
+    # bit, INT8 RTF 0.097 -> 0.093.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         options.intra_op_num_threads = threads
     return options
