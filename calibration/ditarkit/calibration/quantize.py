@@ -56,12 +56,11 @@ CLIPPED_GRAPHS = (LOCDIT, LOCDIT_SAMPLER)
 KEEP_SCOPES = {  # module scope in node names -> why its weight layers stay fp32
     "time_embed": "the diffusion time embedding: every solver step depends on its precision",
     "stop_head": "one output that decides where speech ends",
-    # LocDiT's projections in and out (3% of its weights): ONNX Runtime cannot fuse their
-    # Q/DQ Gemm and would dequantize the weight on every solver step, slower than fp32.
-    "/locdit/cond_proj": "LocDiT's projection of the LM output (not fused in INT8; a small layer)",
-    "/locdit/history_proj": "LocDiT's projection of the history frames (not fused in INT8; a small layer)",
-    "/locdit/noisy_proj": "LocDiT's projection of the noisy patch (not fused in INT8; a small layer)",
-    "/locdit/out_proj": "LocDiT's velocity output (a small layer): the solver integrates its errors",
+    # LocDiT's per-step projections in and out: ONNX Runtime cannot fuse their Q/DQ Gemm and
+    # would dequantize the weight at every solver step, slower than fp32. (Its projections of
+    # the LM output and the history run once per patch: quantized.)
+    "/locdit/noisy_proj": "LocDiT's projection of the noisy patch: a small layer that INT8 would slow down",
+    "/locdit/out_proj": "LocDiT's velocity output, a small layer: the solver integrates its errors",
     "/decoder/head": "the VAE decoder's spectral output layer: errors land directly in the waveform",
     "/decoder/MatMul": "the VAE decoder's inverse DFT: a fixed transform, not a learned weight",
 }
