@@ -171,12 +171,12 @@ def test_a_stream_closed_early_does_not_disturb_the_next(bundle, reference_wav):
 
 
 def test_decoding_goes_to_a_spare_core_only(bundle, monkeypatch):
-    from ditarkit.runtime.backends import onnxrt
+    from ditarkit.runtime import runner as runner_module
 
     runner = OrtRunner(bundle, threads=1)
-    monkeypatch.setattr(onnxrt, "usable_cores", lambda: 1)
+    monkeypatch.setattr(runner_module, "usable_cores", lambda: 1)
     assert not runner.decodes_in_background()
-    monkeypatch.setattr(onnxrt, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runner_module, "usable_cores", lambda: 2)
     assert runner.decodes_in_background()
     assert not OrtRunner(bundle, threads=2).decodes_in_background()  # the decoder would take 2 more
 

@@ -24,7 +24,7 @@ from ditarkit.runtime.manifest import (
     VAE_ENCODER,
     graph_signatures,
 )
-from ditarkit.runtime.runner import GraphRunner, usable_cores
+from ditarkit.runtime.runner import GraphRunner, room_for_background_decoding
 
 
 class VAEEncoderGraph(nn.Module):
@@ -153,4 +153,4 @@ class TorchRunner(GraphRunner):
     def decodes_in_background(self) -> bool:
         # As the ONNX Runtime runner does, so that benchmarks compare engines, not loops.
         on_cpu = self.model.text_embedding.weight.device.type == "cpu"
-        return on_cpu and 2 * torch.get_num_threads() <= usable_cores()
+        return on_cpu and room_for_background_decoding(torch.get_num_threads())

@@ -92,6 +92,12 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def room_for_background_decoding(threads: int) -> bool:
+    """Whether the decoder's thread pool fits beside the patch loop's, `threads` each, on the
+    cores this process may use: the condition for `GraphRunner.decodes_in_background` on a CPU."""
+    return 2 * threads <= usable_cores()
+
+
 class GraphRunner:
     """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
 

@@ -27,7 +27,7 @@ from ditarkit.runtime.manifest import (
     load_manifest,
     signature_digest,
 )
-from ditarkit.runtime.runner import GraphRunner, usable_cores
+from ditarkit.runtime.runner import GraphRunner, room_for_background_decoding
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -109,10 +109,9 @@ class OrtRunner(GraphRunner):
         return self.sessions[name].run(self.specs[name].output_names, feeds)
 
     def decodes_in_background(self) -> bool:
-        # Sessions run concurrently and release the GIL. The decoder's session has as many
-        # threads as the patch loop's, so both fit only on twice those cores. On a GPU the
-        # kernels queue on one device anyway.
-        return self.providers == [CPU] and self.threads is not None and 2 * self.threads <= usable_cores()
+        # Sessions run concurrently and release the GIL; on a GPU the kernels queue on one
+        # device anyway. With threads=None ORT already takes every core.
+        return self.providers == [CPU] and self.threads is not None and room_for_background_decoding(self.threads)
 
 
 @dataclass
