@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ditarkit.bench.cli import main as bench_main
+from ditarkit.runtime.machine import cpu_features, describe_features
 
 pytest.importorskip("torch", reason="the bench exports the model and runs its PyTorch row with torch")
 
@@ -33,6 +34,9 @@ def test_bench_reports_every_backend_as_json(tmp_path):
     assert set(report) >= {"command", "machine", "workload", "rows", "skipped", "failed"}
     assert report["command"] == "ditar-bench " + shlex.join(args)
     assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1 and "onnxruntime" in report["machine"]
+    features = report["machine"]["cpu_features"]  # what the INT8 kernels may use, e.g. "AVX2, AVX-512, no VNNI"
+    assert features == describe_features(cpu_features())
+    assert f"({features})" in result.stdout.splitlines()[1] and result.stdout.splitlines()[1].startswith("machine:")
     assert report["failed"] == {} and report["skipped"]["piper"] == "--skip"
 
     rows = report["rows"]

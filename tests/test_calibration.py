@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,14 +18,16 @@ from click.testing import CliRunner
 from conftest import BLOCK_TORCH, speech_like
 
 from ditarkit.calibration.accuracy import OTHER_SEED, end_to_end, graph_errors, mel_distance_db
-from ditarkit.calibration.cli import REPORT_FILE, read_sentences
+from ditarkit.calibration.cli import REPORT_FILE, machine_line, read_sentences
 from ditarkit.calibration.cli import main as calibrate_main
 from ditarkit.calibration.quantize import KEEP_SCOPES, QUANTIZED_GRAPHS, QUANTIZED_OPS, quantize_bundle
 from ditarkit.calibration.record import Recording, record
 from ditarkit.export.bundle import export_bundle
 from ditarkit.reference.model import DiTAR
+from ditarkit.runtime.backends import onnxrt
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import check_buildable
+from ditarkit.runtime.machine import cpu_summary
 from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, BundleError, load_manifest
 from ditarkit.runtime.synthesizer import Synthesizer
 
@@ -116,6 +120,14 @@ def test_mel_distance_is_zero_for_equal_audio_and_grows_with_noise():
     assert mel_distance_db(clean, noisy, 24_000) > 1.0
 
 
+def _quantized_weights(path) -> list[np.ndarray]:
+    """The integer weight tensors of a Q/DQ graph (constants fed to DequantizeLinear)."""
+    graph = onnx.load(str(path))
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    return [constants[n.input[0]] for n in graph.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in constants and constants[n.input[0]].ndim == 2]
+
+
 def test_tensorrt_target_has_symmetric_int8_activations(setup, tmp_path):
     fp32, _, _, recording, _ = setup
     manifest = quantize_bundle(fp32, tmp_path / "trt", recording, target="tensorrt")
@@ -123,6 +135,38 @@ def test_tensorrt_target_has_symmetric_int8_activations(setup, tmp_path):
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     zero_points = [constants[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    weights = _quantized_weights(tmp_path / "trt" / manifest.graphs[LM].file)
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 127  # full 8 bits
+    assert manifest.quantization["reduce_range"] is False
+
+
+def test_onnxruntime_target_has_7_bit_weights_that_no_cpu_saturates(setup):
+    """x86 without VNNI adds pairs of u8 x s8 products in int16: 2 x 255 x 64 = 32640 fits,
+    2 x 255 x 127 does not. Every quantized weight of every graph must lie in [-64, 64]."""
+    _, int8, _, _, manifest = setup
+    for name in QUANTIZED_GRAPHS:
+        weights = _quantized_weights(int8 / manifest.graphs[name].file)
+        assert weights and all(w.dtype == np.int8 for w in weights), name
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64, name
+    recorded = load_manifest(int8).quantization
+    assert recorded["reduce_range"] is True and recorded["weight_type"] == "int8"
+    assert recorded["activation_type"] == "uint8" and recorded["calibrated_on"] == cpu_summary()
+
+
+def test_the_runtime_warns_when_an_int8_form_saturates_on_this_cpu(setup, tmp_path, monkeypatch, caplog):
+    _, int8, _, _, _ = setup
+    old = tmp_path / "old-int8"
+    shutil.copytree(int8, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["quantization"]["reduce_range"] = False  # as the kit made INT8 bundles before issue 14
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(onnxrt, "cpu_features", lambda: {"AVX2": True, "AVX-512": False, "VNNI": False,
+                                                         "AMX-INT8": False})
+    with caplog.at_level(logging.WARNING, logger="ditarkit"):
+        OrtRunner(int8)
+        assert not caplog.records  # 7-bit weights: nothing to say
+        OrtRunner(old)
+    assert len(caplog.records) == 1 and "saturate" in caplog.records[0].getMessage()
 
 
 def test_cli_calibrates_and_reports(setup, tmp_path):
@@ -137,6 +181,9 @@ def test_cli_calibrates_and_reports(setup, tmp_path):
     assert {e["graph"] for e in report["graph_errors"]} == set(QUANTIZED_GRAPHS)
     assert set(report["mel_distance_db"]) == {OTHER_SEED, "int8"}
     assert "median SNR" in result.stdout
+    # The figures hold for this CPU: its first line names it with the features the kernels use.
+    assert result.stdout.splitlines()[0] == f"machine: {machine_line()}" == f"machine: {report['machine']}"
+    assert cpu_summary() in report["machine"] and report["quantization"]["calibrated_on"] == cpu_summary()
 
 
 def _calibrate_cli(*args: str):
@@ -163,7 +210,7 @@ def test_cli_refuses_bad_input_in_one_line_before_any_work(setup, tmp_path, case
     out = tmp_path / "out"
     args = {"int8 source": ["--bundle", str(int8)], "out is the source": ["-o", str(fp32)]}.get(case, [])
     if case == "unspeakable sentence":
-        texts.write_text("one two.\n\U0001f600\nfive six.\nseven eight.\n")
+        texts.write_text("one two.\n~~~\nfive six.\nseven eight.\n")  # "~" is no symbol of the model's
     elif case == "too few sentences":
         texts.write_text("one two.\n")
     elif case == "foreign compare bundle":
@@ -184,7 +231,8 @@ def test_cli_refuses_bad_input_in_one_line_before_any_work(setup, tmp_path, case
 def test_multi_sentence_lines_are_split_into_single_sentence_texts(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("Hello there. How are you?\nFine!\n\nGood.\nBye now.")
-    assert read_sentences(str(texts)) == ["Hello there.", "How are you?", "Fine!", "Good.", "Bye now."]
+    # normalised, as the runtime splits and reads them
+    assert read_sentences(str(texts)) == ["hello there.", "how are you?", "fine!", "good.", "bye now."]
 
 
 def test_the_recorded_lm_cache_cut_gives_the_same_outputs_as_the_full_cache(setup):

@@ -116,6 +116,24 @@ def test_edited_manifest_and_foreign_version_are_refused(bundles, tmp_path):
         load_manifest(bundle)
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("kv_cache", "layers", 99), ("kv_cache", "head_dim", 3), ("kv_cache", "shared_buffer", True),
+    ("streaming", "decoder_context_frames", 1),
+])
+def test_manifest_fields_that_repeat_the_config_cannot_be_edited_without_effect(bundles, tmp_path, section, key,
+                                                                               value):
+    bundle = _copy_bundle(bundles["fp32"][0], tmp_path / "b")
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest[section][key] = value
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"{section}\.{key} is {value!r} but the model config gives"):
+        load_manifest(bundle)
+    del manifest[section]
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"lacks its '{section}' section"):
+        load_manifest(bundle)
+
+
 def test_cli_exports_a_preset_and_prints_parity(tmp_path):
     result = CliRunner().invoke(export_main, ["--preset", "tiny", "--out", str(tmp_path / "b"), "--no-trt"])
     assert result.exit_code == 0, result.output

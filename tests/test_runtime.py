@@ -257,12 +257,10 @@ def test_runtime_imports_and_runs_without_torch(bundle, reference_wav, tmp_path)
 
 def test_a_sentence_with_nothing_to_say_is_skipped_not_fatal(bundle, reference_wav):
     synth = Synthesizer(bundle, backend="onnxruntime")
-    stats_text = "Hello there. \U0001f600! How are you?"
-    from ditarkit.runtime.synthesizer import StreamStats
-
+    stats_text = "Hello there. ~~~! How are you?"  # "~" is no symbol of the model's
     stats = StreamStats()
     chunks = list(synth.stream(stats_text, synth.voice(reference_wav), synth.options(max_seconds=0.2), stats=stats))
-    assert stats.sentences == ["Hello there.", "How are you?"]
+    assert stats.sentences == ["hello there.", "how are you?"]  # as the model reads them: normalised
     assert len(chunks) == stats.patches > 0
 
 

@@ -39,6 +39,7 @@ from ditarkit.bench.measure import (
 from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.config import PRESETS
 from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.machine import cpu_features, cpu_model, describe_features
 from ditarkit.runtime.manifest import LM, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER, BundleError, load_manifest
 from ditarkit.runtime.runner import usable_cores
 from ditarkit.runtime.sampler import OptionsError
@@ -215,7 +216,7 @@ def format_report(report: dict, rows: list[Measurement]) -> str:
     versions = ", ".join(f"{name} {m[name]}" for name in PACKAGES if name in m)
     lines = [
         f"command: {report['command']}",
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable)"
+        f"machine: {m['cpu']} ({m['cpu_features']}), {m['cores']} cores ({m['usable_cores']} usable)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {versions}",
         f"workload: {w['model']}, {len(w['texts'])} text(s), {w['seconds']:g} s per sentence, NFE {w['nfe']}, "
         f"cfg {w['cfg_scale']:g}, tau {w['temperature']:g}, seed {w['seed']}, voice: {w['voice']}; "
@@ -235,7 +236,8 @@ def format_report(report: dict, rows: list[Measurement]) -> str:
 
 def machine() -> dict[str, str | int]:
     info: dict[str, str | int] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_features": describe_features(cpu_features()),
         "cores": os.cpu_count() or 0,
         "usable_cores": usable_cores(),
         "os": platform.platform(),
@@ -248,16 +250,6 @@ def machine() -> dict[str, str | int]:
     if gpu:
         info["gpu"] = gpu
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpu_name() -> str | None:

@@ -25,6 +25,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from ditarkit.calibration.record import CalibrationError, Feeds, Log, Recording, require_fp32
 from ditarkit.export.graphfile import declare_io_shapes, share_equal_initializers, stamp
 from ditarkit.runtime.fileio import atomic_dir
+from ditarkit.runtime.machine import cpu_summary
 from ditarkit.runtime.manifest import (
     LM,
     LOCDIT,
@@ -68,19 +69,39 @@ KEEP_SCOPES = {  # module scope in node names -> why its weight layers stay fp32
 
 @dataclass(frozen=True)
 class Target:
-    """The Q/DQ form a backend executes fast."""
+    """The Q/DQ form a backend executes fast (and, for ONNX Runtime, correctly on every CPU)."""
 
     name: str
     activations: QuantType
     symmetric_activations: bool
-    note: str
+    weights: QuantType = QuantType.QInt8
+    # 7-bit weights ([-64, 64]): ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2 only)
+    # add pairs of u8 x s8 products in saturating 16-bit lanes (vpmaddubsw): 2 x 255 x 127
+    # overflows, 2 x 255 x 64 does not. See `TARGETS` for what it measured.
+    reduce_range: bool = False
+    note: str = ""
+
+    @property
+    def weights_note(self) -> str:
+        bits = "7-bit [-64, 64] (reduce_range)" if self.reduce_range else "8-bit"
+        return f"{_type_name(self.weights)} symmetric, {bits}, per output channel"
 
 
+def _type_name(kind: QuantType) -> str:
+    return {QuantType.QInt8: "int8", QuantType.QUInt8: "uint8"}[kind]
+
+
+# The onnxruntime target holds on every CPU it may meet. Held-out median SNR of patch_encoder
+# (tests' tiny preset / default voice), x86 with AVX2 and no VNNI (ONNX Runtime 1.32 under
+# qemu -cpu Haswell) against VNNI: 8-bit weights 9.6 / 34.6 dB against 30.2 / 44.2 dB; 7-bit
+# weights 29.1 / 44.0 dB on both, the same outputs. On VNNI the 7-bit weights cost 0 to
+# 1.3 dB per graph and no speed; u8u8 does not saturate either but is slower on VNNI (LocDiT
+# solve +40%), s8s8 saturates and has no fast kernel. README, "Latest figures", has them all.
 TARGETS = {
-    "onnxruntime": Target("onnxruntime", QuantType.QUInt8, False,
-                          "uint8 asymmetric activations: ONNX Runtime's x86/ARM u8s8 integer kernels"),
+    "onnxruntime": Target("onnxruntime", QuantType.QUInt8, False, reduce_range=True,
+                          note="uint8 asymmetric activations: ONNX Runtime's x86/ARM u8s8 integer kernels"),
     "tensorrt": Target("tensorrt", QuantType.QInt8, True,
-                       "int8 symmetric activations (zero point 0): the only INT8 Q/DQ form TensorRT takes"),
+                       note="int8 symmetric activations (zero point 0): the only INT8 Q/DQ form TensorRT takes"),
 }
 
 
@@ -118,7 +139,7 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
         quantize_static(
             str(src), str(out), FeedsReader(samples), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=nodes, per_channel=True,
-            activation_type=target.activations, weight_type=QuantType.QInt8,
+            reduce_range=target.reduce_range, activation_type=target.activations, weight_type=target.weights,
             calibrate_method=method,
             extra_options={"ActivationSymmetric": target.symmetric_activations, "WeightSymmetric": True,
                            "CalibPercentile": PERCENTILE,
@@ -139,19 +160,20 @@ def quantize_graph(src: Path, dst: Path, spec: GraphSpec, samples: list[Feeds], 
             "bytes": {"fp32": src.stat().st_size, "int8": dst.stat().st_size}}
 
 
-def quantize_bundle(bundle: str | Path, out: str | Path, recording: Recording, target: str = "onnxruntime",
+def quantize_bundle(bundle: str | Path, out: str | Path, recording: Recording, target: str | Target = "onnxruntime",
                     log: Log = lambda _msg: None) -> Manifest:
     """Write an INT8 bundle at `out` (atomically) from the fp32 `bundle` and its recordings."""
     return atomic_dir(out, lambda staging: write_quantized(bundle, staging, recording, target, log))
 
 
-def write_quantized(bundle: str | Path, out: Path, recording: Recording, target: str = "onnxruntime",
+def write_quantized(bundle: str | Path, out: Path, recording: Recording, target: str | Target = "onnxruntime",
                     log: Log = lambda _msg: None) -> Manifest:
-    """Fill the empty folder `out` with the INT8 bundle of the fp32 `bundle`."""
+    """Fill the empty folder `out` with the INT8 bundle of the fp32 `bundle`; `target` is a
+    name in TARGETS or a Target."""
     bundle = Path(bundle)
     source = load_manifest(bundle)
     require_fp32(source, bundle)
-    chosen = TARGETS[target]
+    chosen = TARGETS[target] if isinstance(target, str) else target
     graphs, report = {}, {}
     for index, (name, spec) in enumerate(source.graphs.items(), 1):
         dst = out / spec.file
@@ -175,7 +197,12 @@ def _description(target: Target, recording: Recording, graphs: dict[str, Any]) -
         "tool": f"onnxruntime.quantization.quantize_static {onnxruntime.__version__}",
         "target": target.name,
         "activations": target.note,
-        "weights": "int8 symmetric, per output channel",
+        "weights": target.weights_note,
+        # Read by the runtime, which checks the form against the CPU it runs on.
+        "activation_type": _type_name(target.activations),
+        "weight_type": _type_name(target.weights),
+        "reduce_range": target.reduce_range,
+        "calibrated_on": cpu_summary(),
         "calibration": {"sentences": recording.sentences,
                         "references": [Path(r).name for r in recording.references]},
         "ops": list(QUANTIZED_OPS),

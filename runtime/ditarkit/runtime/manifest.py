@@ -45,6 +45,7 @@ LM_NEW_KEYS = "new_keys"
 LM_NEW_VALUES = "new_values"
 
 SAMPLER_RENOISE_STEP = "renoise_step"
+KV_CACHE_NOTE = "outputs hold only the new positions; the runtime writes them at `position`"
 
 # ONNX metadata_props keys stamped into every graph, checked when a session is created.
 META_KIT_VERSION = "ditarkit.kit_version"
@@ -222,22 +223,30 @@ class Manifest:
     def decoder_context_frames(self) -> int:
         return self.config.vae.decoder_receptive_frames
 
-    def to_dict(self) -> dict[str, Any]:
+    def derived(self) -> dict[str, dict[str, Any]]:
+        """The sections written for readers that do not know the config's layout. They repeat
+        what the config says, so `load_manifest` checks them against it: an edit to either
+        that the other does not share is refused, never silently ignored."""
         lm = self.config.lm
+        return {
+            "kv_cache": {
+                "layout": "[layers, batch, kv_heads, capacity, head_dim]",
+                "layers": lm.layers, "kv_heads": lm.kv_heads, "head_dim": lm.head_dim,
+                "inputs": [LM_PAST_KEYS, LM_PAST_VALUES], "outputs": [LM_NEW_KEYS, LM_NEW_VALUES],
+                "shared_buffer": False,
+                "note": KV_CACHE_NOTE,
+            },
+            "streaming": {"decoder_context_frames": self.decoder_context_frames},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "kit_version": self.kit_version,
             "precision": self.precision,
             "opset": self.opset,
             "config": self.config.to_dict(),
-            "kv_cache": {  # for readers that do not know the config's layout
-                "layout": "[layers, batch, kv_heads, capacity, head_dim]",
-                "layers": lm.layers, "kv_heads": lm.kv_heads, "head_dim": lm.head_dim,
-                "inputs": [LM_PAST_KEYS, LM_PAST_VALUES], "outputs": [LM_NEW_KEYS, LM_NEW_VALUES],
-                "shared_buffer": False,
-                "note": "outputs hold only the new positions; the runtime writes them at `position`",
-            },
-            "streaming": {"decoder_context_frames": self.decoder_context_frames},
+            **self.derived(),
             "quantization": self.quantization,
             "source": self.source,
             "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
@@ -292,10 +301,25 @@ def load_manifest(bundle: str | Path, verify_files: bool = True) -> Manifest:
     missing = [n for n in GRAPH_NAMES if n not in manifest.graphs]
     if missing:
         raise BundleError(f"{path} lacks graphs {missing}")
+    check_derived(data, manifest, path)
     if verify_files:
         for graph in manifest.graphs.values():
             verify_graph_file(bundle, graph)
     return manifest
+
+
+def check_derived(data: Mapping[str, Any], manifest: Manifest, path: Path) -> None:
+    """Every field of the manifest's `kv_cache` and `streaming` sections must say what the
+    model config says (the note aside, which is prose)."""
+    for section, fields in manifest.derived().items():
+        written = data.get(section)
+        if not isinstance(written, Mapping):
+            raise BundleError(f"{path} lacks its {section!r} section")
+        for key, want in fields.items():
+            got = written.get(key)
+            if key != "note" and got != want:
+                raise BundleError(f"{path}: {section}.{key} is {got!r} but the model config gives {want!r} "
+                                  "(an edited manifest): re-export the bundle")
 
 
 def verify_graph_file(bundle: Path, graph: GraphSpec) -> None:

@@ -33,6 +33,10 @@ from ditarkit.runtime.manifest import (
 )
 
 
+class RunnerClosed(RuntimeError):
+    """A closed runner (or the Synthesizer that owned it) was asked to run a graph."""
+
+
 class Runner(Protocol):
     """What the sampler needs. Arrays are numpy float32 and batch-free unless stated."""
 
@@ -110,6 +114,9 @@ class GraphRunner:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the backend's sessions or device memory; the runner is unusable after."""
 
     def decodes_in_background(self) -> bool:
         """Whether the VAE decoder may run on another thread while the next patches are

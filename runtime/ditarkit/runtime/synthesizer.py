@@ -12,25 +12,74 @@ KV cache among them, are not shared safely between concurrent calls).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ditarkit.runtime.audio import prepare_reference, read_audio
+from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.manifest import BundleError
-from ditarkit.runtime.runner import GraphRunner
-from ditarkit.runtime.sampler import GenerationOptions, NoiseFn, generate_patches, seeded_noise
+from ditarkit.runtime.runner import GraphRunner, RunnerClosed
+from ditarkit.runtime.sampler import GenerationOptions, NoiseFn, OptionsError, generate_patches, seeded_noise
 from ditarkit.runtime.text import TextError, TextFrontend, split_sentences
 
 log = logging.getLogger("ditarkit")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+# Guidance above this drives the output out of range: the default voice peaks at 0.84 of
+# full scale at w = 20, clips 0.8 % of its samples at w = 50 and 55 % at w = 1000 (the
+# paper's DiTAR uses w of a few units).
+MAX_CFG_SCALE = 20.0
+
+
+class SynthesizerClosed(RunnerClosed):
+    """A closed Synthesizer was asked to work. (A stream already running when it closed
+    stops at its next graph call with RunnerClosed, which this specialises.)"""
+
+
+class SynthesisError(RuntimeError):
+    """The model produced audio that cannot be written (NaN or infinite samples)."""
+
+
+def check_options(options: GenerationOptions, config: DiTARConfig) -> GenerationOptions:
+    """Every option finite and in its range, with one line naming the first that is not.
+    (GenerationOptions checks its ranges when built; this adds what those checks let
+    through: inf passes `>= 0`, and nan fails every comparison under a misleading message.)
+    max_seconds above the model's maximum is capped at it (in the options returned)."""
+    checks = [
+        (_finite(options.cfg_scale) and 0.0 <= options.cfg_scale <= MAX_CFG_SCALE,
+         f"cfg_scale must be a number in [0, {MAX_CFG_SCALE:g}], got {options.cfg_scale}"),
+        (_finite(options.temperature) and 0.0 <= options.temperature <= 1.0,
+         f"temperature must be a number in [0, 1], got {options.temperature}"),
+        (_whole(options.nfe) and 1 <= options.nfe <= 1000, f"nfe must be an integer in [1, 1000], got {options.nfe}"),
+        (_whole(options.seed) and options.seed >= 0, f"seed must be an integer >= 0, got {options.seed}"),
+        (_finite(options.max_seconds) and options.max_seconds > 0,
+         f"max_seconds must be a finite number > 0 (the model makes at most {config.max_seconds:g} s), "
+         f"got {options.max_seconds}"),
+        (_finite(options.stop_threshold) and 0.0 < options.stop_threshold < 1.0,
+         f"stop_threshold must be a number in (0, 1), got {options.stop_threshold}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OptionsError(message)
+    return replace(options, max_seconds=min(options.max_seconds, config.max_seconds))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -167,20 +216,33 @@ class Synthesizer:
             if not bundle.exists():
                 raise BundleError(f"no default bundle at {bundle}: run `ditar-export` once "
                                   "(needs the [export] extra), or pass a bundle")
-        self._attach(open_runner(bundle, backend, threads))
+        self._attach(open_runner(bundle, backend, threads), owns_runner=True)
 
     @classmethod
     def from_runner(cls, runner: GraphRunner) -> Synthesizer:
-        """Wrap a runner made elsewhere (the PyTorch reference in benchmarks, say)."""
+        """Wrap a runner made elsewhere (the PyTorch reference in benchmarks, say); closing
+        the Synthesizer leaves that runner to its owner."""
         synth = cls.__new__(cls)
-        synth._attach(runner)
+        synth._attach(runner, owns_runner=False)
         return synth
 
     def close(self) -> None:
-        """Stop the decoder thread, if any (also on leaving a `with` block)."""
+        """Stop the decoder thread and release the backend (also on leaving a `with` block).
+        A closed Synthesizer refuses further work with SynthesizerClosed. Idempotent."""
+        self._closed = True
         if self._decoder_thread is not None:
             self._decoder_thread.shutdown(cancel_futures=True)
             self._decoder_thread = None
+        if self._owns_runner:
+            self.runner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SynthesizerClosed("this Synthesizer is closed: create a new one")
 
     def __enter__(self) -> Synthesizer:
         return self
@@ -188,8 +250,10 @@ class Synthesizer:
     def __exit__(self, *_exc) -> None:
         self.close()
 
-    def _attach(self, runner: GraphRunner) -> None:
+    def _attach(self, runner: GraphRunner, owns_runner: bool) -> None:
         self.runner = runner
+        self._owns_runner = owns_runner
+        self._closed = False
         # One worker: chunks decode in order, one at a time, beside the patch loop.
         background = runner.decodes_in_background()
         self._decoder_thread = ThreadPoolExecutor(1, thread_name_prefix="ditar-vae") if background else None
@@ -200,6 +264,7 @@ class Synthesizer:
 
     def voice(self, reference: str | Path | np.ndarray, sample_rate: int | None = None) -> Voice:
         """Encode a reference voice from a file, or from an array (samples[, channels])."""
+        self._check_open()
         if isinstance(reference, np.ndarray):
             if sample_rate is None:
                 raise ValueError("sample_rate is required with an array reference")
@@ -213,8 +278,9 @@ class Synthesizer:
         return Voice(self.runner.encode_audio(prepared), len(prepared) / cfg.audio.sample_rate, source)
 
     def options(self, **overrides) -> GenerationOptions:
-        """The model's default options, with any given here taking precedence."""
-        return GenerationOptions.from_config(self.config, **overrides)
+        """The model's default options, with any given here taking precedence; every value
+        is checked here (OptionsError names the first out of range)."""
+        return check_options(GenerationOptions.from_config(self.config, **overrides), self.config)
 
     def stream(
         self,
@@ -229,18 +295,27 @@ class Synthesizer:
         """Yield audio chunks (float32, copies) as they are generated: the first after one
         patch, then chunks of 2, 4, ... patches up to `max_chunk_patches` (1 = one chunk per
         patch, the lowest latency between chunks; larger is less decoder work). Long text is
-        split into sentences, each generated in turn with the same voice. Text is checked in
-        full before any audio is made."""
-        options = options or self.options()
-        sentences, token_ids = self._encode_sentences(text)  # raises before any compute
+        split into sentences, each generated in turn with the same voice. Options and text
+        are checked in full here, when called, before any audio is made."""
+        self._check_open()
+        options = check_options(options or self.options(), self.config)
+        if max_chunk_patches < 1:
+            raise OptionsError(f"max_chunk_patches must be >= 1, got {max_chunk_patches}")
+        sentences, token_ids = self._encode_sentences(text)
         stats = stats if stats is not None else StreamStats()
         stats.sentences = sentences
         noise = noise or seeded_noise(options.seed, self.config.patch_size, self.config.audio.latent_dim)
+        return self._generate(token_ids, voice, options, noise, stats, on_patch, max_chunk_patches)
+
+    def _generate(self, token_ids: list[list[int]], voice: Voice, options: GenerationOptions, noise: NoiseFn,
+                  stats: StreamStats, on_patch: Callable[[int], None] | None,
+                  max_chunk_patches: int) -> Iterator[np.ndarray]:
         start = time.perf_counter()
         for ids in token_ids:
             decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread)
             try:
                 for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
+                    self._check_open()  # closed by another thread mid-stream
                     stats.patches += 1
                     if on_patch:
                         on_patch(stats.patches)
@@ -252,6 +327,8 @@ class Synthesizer:
                 decoder.cancel()
 
     def _count(self, chunk: np.ndarray, stats: StreamStats, start: float) -> np.ndarray:
+        if not np.isfinite(chunk).all():  # never hand a listener NaN: it plays as full-scale noise
+            raise SynthesisError("the model produced NaN or infinite audio; this bundle or these options are broken")
         stats.audio_seconds += len(chunk) / self.sample_rate
         stats.wall_seconds = time.perf_counter() - start
         if stats.first_chunk_seconds is None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from ditarkit.runtime.backends.cuda import Copy2D, cuda_copy2d, host_copy2d, insert_slots, load_cudart
 from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.machine import cpu_features, describe_features, saturates_u8s8
 from ditarkit.runtime.manifest import (
     GRAPH_NAMES,
     LM,
@@ -27,10 +31,12 @@ from ditarkit.runtime.manifest import (
     load_manifest,
     signature_digest,
 )
-from ditarkit.runtime.runner import GraphRunner, room_for_background_decoding
+from ditarkit.runtime.runner import GraphRunner, RunnerClosed, room_for_background_decoding, usable_cores
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+log = logging.getLogger("ditarkit")
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -56,6 +62,31 @@ SINGLE_THREAD_BELOW_WIDTH = 1024
 def default_threads(config: DiTARConfig) -> int | None:
     """Intra-op threads when the user sets none: 1 for small models, else ORT's default."""
     return 1 if config.lm.dim < SINGLE_THREAD_BELOW_WIDTH else None
+
+
+def capped_threads(threads: int | None) -> int | None:
+    """`threads` at most the usable cores: ONNX Runtime's pools spin, and more threads than
+    cores only wait on each other (issue 14: far more than the cores made one short sentence
+    take minutes)."""
+    cores = usable_cores()
+    if threads is not None and threads > cores:
+        log.warning("%d threads asked for, %d cores usable: using %d", threads, cores, cores)
+        return cores
+    return threads
+
+
+def int8_form_problem(quantization: Mapping[str, Any], features: dict[str, bool] | None) -> str | None:
+    """Why an INT8 bundle's Q/DQ form computes wrong on this CPU, or None. int8 weights at the
+    full 8 bits (this kit's bundles before issue 14, which record no weight type) saturate
+    ONNX Runtime's u8s8 and s8s8 kernels on x86 without VNNI (ditarkit.calibration.quantize
+    has the measurements)."""
+    if quantization.get("target") != "onnxruntime" or quantization.get("reduce_range", False):
+        return None
+    if quantization.get("weight_type", "int8") != "int8" or not saturates_u8s8(features):
+        return None
+    return ("this INT8 bundle has 8-bit int8 weights, which saturate ONNX Runtime's integer kernels on a CPU "
+            f"without VNNI ({describe_features(features)}): expect distorted audio; re-run ditar-calibrate "
+            "with this kit (7-bit weights hold on every CPU)")
 
 
 def default_providers() -> list[str]:
@@ -98,7 +129,10 @@ class OrtRunner(GraphRunner):
         self.config = self.manifest.config
         self.specs = self.manifest.graphs
         self.providers = providers or default_providers()
-        self.threads = threads or default_threads(self.config)  # None: all cores
+        self.threads = capped_threads(threads) or default_threads(self.config)  # None: all cores
+        problem = int8_form_problem(self.manifest.quantization, cpu_features()) if CUDA not in self.providers else None
+        if problem:
+            log.warning(problem)
         options = session_options(self.threads)
         self.sessions = {
             name: open_session(bundle, self.specs[name], self.config, self.providers, options)
@@ -106,7 +140,16 @@ class OrtRunner(GraphRunner):
         }
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[name].run(self.specs[name].output_names, feeds)
+        return self.session(name).run(self.specs[name].output_names, feeds)
+
+    def session(self, name: str) -> ort.InferenceSession:
+        session = self.sessions.get(name)
+        if session is None:
+            raise RunnerClosed(f"the {self.name} runner is closed") if not self.sessions else KeyError(name)
+        return session
+
+    def close(self) -> None:
+        self.sessions.clear()  # a call already running holds its session until it returns
 
     def decodes_in_background(self) -> bool:
         # Sessions run concurrently and release the GIL; on a GPU the kernels queue on one
@@ -152,7 +195,7 @@ class OrtIOBindingRunner(OrtRunner):
         lm, steps = self.config.lm, embeds.shape[0]
         if state.position + steps > state.capacity:
             raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
-        session = self.sessions[LM]
+        session = self.session(LM)
         binding = session.io_binding()
         binding.bind_cpu_input(LM_EMBEDS, np.ascontiguousarray(embeds[None], np.float32))
         binding.bind_cpu_input(LM_POSITION, np.array([state.position], np.int64))

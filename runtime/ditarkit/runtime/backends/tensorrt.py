@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +34,27 @@ from ditarkit.runtime.manifest import (
     LM_POSITION,
     LM_STOP_LOGIT,
     LOCDIT,
+    LOCDIT_SAMPLER,
     BundleError,
     GraphSpec,
     Manifest,
     load_manifest,
 )
-from ditarkit.runtime.runner import GraphRunner
+from ditarkit.runtime.runner import GraphRunner, RunnerClosed
 
 ENGINE_DIR = "engines"
 ENGINE_INDEX = "engines.json"
 TIMING_CACHE = "timing.cache"
 WORKSPACE_BYTES = 2 << 30
+# Graphs replayed from a CUDA graph: each runs at fixed shapes and buffer addresses, the fused
+# sampler once per patch (the default path), the per-step LocDiT nfe times per patch when the
+# NFE is not the model's. The LM is not: its KV-cache addresses change with the state.
+CAPTURED_GRAPHS = (LOCDIT_SAMPLER, LOCDIT)
+# A replay runs the same kernels on the same inputs as the uncaptured run it is checked
+# against; only reductions by atomics may reorder sums (fp16 engines: about 1e-3).
+CAPTURE_RTOL, CAPTURE_ATOL = 1e-3, 1e-5
+
+log = logging.getLogger("ditarkit")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -174,7 +185,7 @@ class TensorRTRunner(GraphRunner):
         for buffer in self.kv:  # never-written memory could hold inf/NaN, which no mask hides
             check(self.cudart.cudaMemset(buffer.ptr, 0, buffer.nbytes))
         self.cuda_graphs = cuda_graphs
-        self._graph_exec: dict[tuple, object] = {}
+        self._graph_exec: dict[tuple, object | None] = {}  # None: this shape runs uncaptured
 
     def _engine_paths(self, bundle: Path) -> dict[str, Path]:
         index_path = bundle / ENGINE_DIR / ENGINE_INDEX
@@ -223,33 +234,67 @@ class TensorRTRunner(GraphRunner):
         for tensor, ptr in addresses.items():
             context.set_tensor_address(tensor, ptr)
         key = (name, *shapes.values())
-        if self.cuda_graphs and name == LOCDIT:
-            self._launch_graph(key, context)
-        elif not context.execute_async_v3(self.stream):
+        if self.cuda_graphs and name in CAPTURED_GRAPHS:
+            self._launch_graph(key, name, context)
+        else:
+            self._enqueue(name, context)
+
+    def _enqueue(self, name: str, context) -> None:
+        if not context.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT failed to run {name}")
 
-    def _launch_graph(self, key: tuple, context) -> None:
-        """LocDiT runs nfe times per patch at fixed shapes and addresses: capture it once
-        per shape in a CUDA graph and replay it, saving the launch overhead."""
+    def _launch_graph(self, key: tuple, name: str, context) -> None:
+        """Replay the CUDA graph captured for this shape, saving the launch overhead of the
+        graph's kernels. The first call per shape runs uncaptured (a warm-up, as TensorRT
+        asks before capture), captures, replays, and keeps the capture only if its outputs
+        equal the warm-up's; otherwise this shape runs uncaptured from then on."""
         if key not in self._graph_exec:
-            context.execute_async_v3(self.stream)  # warm-up outside capture, as TensorRT asks
-            mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            check(self.cudart.cudaStreamBeginCapture(self.stream, mode))
-            context.execute_async_v3(self.stream)
-            graph = check(self.cudart.cudaStreamEndCapture(self.stream))
-            self._graph_exec[key] = check(self.cudart.cudaGraphInstantiate(graph, 0))
-        check(self.cudart.cudaGraphLaunch(self._graph_exec[key], self.stream))
+            self._graph_exec[key] = self._capture(name, context)  # leaves this call's outputs in place
+            return
+        graph_exec = self._graph_exec[key]
+        if graph_exec is None:
+            self._enqueue(name, context)
+        else:
+            check(self.cudart.cudaGraphLaunch(graph_exec, self.stream))
+
+    def _capture(self, name: str, context) -> object | None:
+        self._enqueue(name, context)  # warm-up, outside capture
+        want = self._outputs(name, context)
+        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(self.cudart.cudaStreamBeginCapture(self.stream, mode))
+        enqueued = context.execute_async_v3(self.stream)
+        graph = check(self.cudart.cudaStreamEndCapture(self.stream))
+        graph_exec = check(self.cudart.cudaGraphInstantiate(graph, 0)) if enqueued else None
+        check(self.cudart.cudaGraphDestroy(graph))  # the instance keeps what it needs
+        if graph_exec is not None:
+            check(self.cudart.cudaGraphLaunch(graph_exec, self.stream))
+            got = self._outputs(name, context)
+            if all(np.allclose(g, w, rtol=CAPTURE_RTOL, atol=CAPTURE_ATOL) for g, w in zip(got, want)):
+                return graph_exec
+            check(self.cudart.cudaGraphExecDestroy(graph_exec))
+        log.warning("TensorRT: the CUDA graph of %s did not reproduce its uncaptured run; running it uncaptured", name)
+        self._enqueue(name, context)  # the outputs of an uncaptured run, for this call
+        return None
+
+    def _outputs(self, name: str, context) -> list[np.ndarray]:
+        """The graph's outputs on the host, once the stream has run up to here."""
+        outs = [self._download(self.io[name][t.name], tuple(context.get_tensor_shape(t.name)), t.dtype)
+                for t in self.specs[name].outputs]
+        check(self.cudart.cudaStreamSynchronize(self.stream))
+        return outs
+
+    def _check_open(self) -> None:
+        if not self._buffers:  # freed by close(): running would touch freed device memory
+            raise RunnerClosed("the tensorrt runner is closed")
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._check_open()
         spec, io = self.specs[name], self.io[name]
         arrays = {t.name: np.ascontiguousarray(feeds[t.name], t.dtype) for t in spec.inputs}
         for tensor, array in arrays.items():
             self._upload(io[tensor], array)
         self._execute(name, {k: a.shape for k, a in arrays.items()}, {k: b.ptr for k, b in io.items()})
-        context = self.contexts[name]
-        outs = [self._download(io[t.name], tuple(context.get_tensor_shape(t.name)), t.dtype) for t in spec.outputs]
-        check(self.cudart.cudaStreamSynchronize(self.stream))
-        return outs
+        return self._outputs(name, self.contexts[name])
 
     # -- KV cache kept on the GPU ------------------------------------------------------
     def new_lm_state(self, capacity: int) -> DeviceKVCache:
@@ -257,6 +302,7 @@ class TensorRTRunner(GraphRunner):
         return DeviceKVCache(*self.kv, capacity)
 
     def lm_step(self, embeds: np.ndarray, state: DeviceKVCache) -> tuple[np.ndarray, float]:
+        self._check_open()
         lm, io = self.config.lm, self.io[LM]
         steps = embeds.shape[0]
         if state.position + steps > state.capacity:
@@ -284,6 +330,10 @@ class TensorRTRunner(GraphRunner):
                      state.capacity, lm.layers * lm.kv_heads, lm.head_dim)
 
     def close(self) -> None:
+        for graph_exec in self._graph_exec.values():
+            if graph_exec is not None:
+                self.cudart.cudaGraphExecDestroy(graph_exec)
+        self._graph_exec.clear()
         for buffer in self._buffers:
             self.cudart.cudaFree(buffer.ptr)
         self._buffers.clear()
