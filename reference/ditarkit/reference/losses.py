@@ -2,7 +2,8 @@
 
 DiTAR: velocity MSE on the target patch positions (LocDiT conditioned on the LM output,
 which is dropped to zeros with probability `cond_dropout` for classifier-free guidance),
-plus BCE on the stop head. VAE: multi-resolution STFT reconstruction plus a small KL.
+plus BCE on the stop head, plus (where the corpus says which characters each patch speaks)
+an attention loss on a few LM heads. VAE: multi-resolution STFT reconstruction plus a small KL.
 """
 
 from __future__ import annotations
@@ -31,18 +32,75 @@ class SpeechBatch:
     prompt_patches: Tensor  # (B,)
     target: Tensor  # (B, Nt_max * P, C)
     target_patches: Tensor  # (B,)
+    # (B, Nt_max, 2) first and last character (0-based in the text, BOS excluded) spoken
+    # during each target patch; None where the corpus has no alignment.
+    char_windows: Tensor | None = None
 
 
-def ditar_loss(
-    model: DiTAR,
-    batch: SpeechBatch,
-    diffusion_samples: int = 1,
-    stop_weight: float = 1.0,
-    alignment_weight: float = 0.0,
-) -> dict[str, Tensor]:
-    """`alignment_weight` > 0 adds a guided-attention loss (training only; the graphs do not
-    change) that pulls the speech-to-text attention toward the diagonal, which is what small
-    data fails to learn first."""
+@dataclass(frozen=True)
+class LossOptions:
+    """The training-only knobs of the DiTAR objective (the graphs do not depend on them)."""
+
+    diffusion_samples: int = 2  # noise levels drawn per patch: LocDiT is small, extra draws are cheap
+    stop_weight: float = 1.0
+    # Attention supervision: these (layer, head) pairs of the LM put their attention from each
+    # speech position on the characters spoken in that patch (+-1), by -log of that mass. The
+    # mass is not renormalised over the text, so a head cannot meet it while looking elsewhere.
+    aligned_heads: tuple[tuple[int, int], ...] = ()
+    alignment_weight: float = 0.0
+    # LocDiT's shortcut: it can continue the two clean previous patches without the LM. With
+    # this probability a patch's history is mixed with noise at a uniform random level, so
+    # the condition carries the content.
+    history_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.alignment_weight < 0 or not 0 <= self.history_noise <= 1 or self.diffusion_samples < 1:
+            raise ValueError(f"invalid loss options {self}")
+
+
+@dataclass
+class TeacherForced:
+    """One teacher-forced LM pass over a batch, flattened to the target patches."""
+
+    cond: Tensor  # (N, D) LM output that predicts each target patch
+    x0: Tensor  # (N, P, C) the target patches
+    history: Tensor  # (N, H*P, C) their clean previous frames
+    stop_loss: Tensor  # ()
+    probs: list[Tensor]  # per LM layer (B, H, S, S), when recorded
+    rows: list[tuple[int, int, int]]  # (batch row, first speech position, target patches) per utterance
+
+
+@dataclass
+class DiffusionNoise:
+    """Every random draw of the velocity loss, explicit so a metric can fix it."""
+
+    t: Tensor  # (N,)
+    eps: Tensor  # (N, P, C)
+    keep_cond: Tensor  # (N, 1) 0 where the condition is dropped for guidance
+    history_mix: Tensor  # (N, 1, 1) 0 = clean history, 1 = pure noise
+    history_eps: Tensor  # (N, H*P, C)
+
+    @classmethod
+    def draw(cls, x0: Tensor, history: Tensor, cond_dropout: float, history_noise: float,
+             generator: torch.Generator | None = None) -> DiffusionNoise:
+        n, device = x0.shape[0], x0.device
+
+        def uniform(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=device)
+
+        noisy_history = uniform(n, 1, 1) < history_noise
+        return cls(
+            t=uniform(n),
+            eps=torch.randn(x0.shape, generator=generator, device=device),
+            keep_cond=(uniform(n, 1) >= cond_dropout).to(x0.dtype),
+            history_mix=uniform(n, 1, 1) * noisy_history,
+            history_eps=torch.randn(history.shape, generator=generator, device=device),
+        )
+
+
+def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = frozenset()) -> TeacherForced:
+    """The LM over [BOS text EOS, prompt patches, SPEECH_START, target patches] of every
+    utterance; attention maps of `record_layers` kept."""
     cfg = model.config
     p, h = cfg.patch_size, cfg.history_patches
     sequences, targets, histories, hidden_index, stop_labels = [], [], [], [], []
@@ -60,70 +118,79 @@ def ditar_loss(
         hidden_index += [(b, first + j) for j in range(n_target)]
         targets.append(patches[n_prompt:])
         histories += [patches[n_prompt + j - h : n_prompt + j].reshape(h * p, -1) for j in range(n_target)]
-        labels = torch.zeros(n_target + 1)
+        labels = torch.zeros(n_target + 1, device=patches.device)
         labels[-1] = 1.0  # after the last target patch, speech ends
         stop_labels.append((b, first, labels))
 
     embeds = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # (B, S, D), right-padded
     attentions = [block.attn for block in model.lm.transformer.blocks]
-    for attn in attentions:
-        attn.record_probs = alignment_weight > 0
+    for i, attn in enumerate(attentions):
+        attn.record_probs = i in record_layers
     try:
         hidden, stop_logits, _, _ = model.lm(embeds)  # causal: padding at the end is never seen
+        probs = [attn.probs for attn in attentions]
     finally:
         for attn in attentions:
-            attn.record_probs = False
+            attn.record_probs, attn.probs = False, None
     rows, cols = zip(*hidden_index)
-    cond = hidden[list(rows), list(cols)]  # (N, D)
-    x0 = torch.cat(targets)  # (N, P, C)
-    history = torch.stack(histories)  # (N, H*P, C)
-
-    diffusion = _velocity_loss(model, cfg.diffusion, x0, cond, history, diffusion_samples)
     stop = torch.stack([
         F.binary_cross_entropy_with_logits(stop_logits[b, first : first + len(lab)], lab)
         for b, first, lab in stop_labels
     ]).mean()
-    losses = {"loss": diffusion + stop_weight * stop, "diffusion": diffusion, "stop": stop}
-    if alignment_weight > 0:
-        text_lengths = [int(n) for n in batch.text_lengths]
-        spans = [(b, first, len(lab)) for b, first, lab in stop_labels]
-        losses["alignment"] = guided_attention_loss([a.probs for a in attentions], text_lengths, spans)
-        losses["loss"] = losses["loss"] + alignment_weight * losses["alignment"]
+    return TeacherForced(
+        cond=hidden[list(rows), list(cols)],
+        x0=torch.cat(targets),
+        history=torch.stack(histories),
+        stop_loss=stop,
+        probs=probs,
+        rows=[(b, first, len(lab) - 1) for b, first, lab in stop_labels],
+    )
+
+
+def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise: DiffusionNoise) -> Tensor:
+    """v-prediction (or flow) MSE of LocDiT on the target patches under the given noise."""
+    schedule = Schedule(model.config.diffusion.schedule)
+    mix = noise.history_mix
+    history = torch.sqrt(1 - mix**2) * history + mix * noise.history_eps  # variance-preserving mix
+    tb = noise.t[:, None, None]
+    x_t = schedule.noisy(x0, noise.eps, tb)
+    target = schedule.velocity_target(x0, noise.eps, tb)
+    return F.mse_loss(model.locdit(x_t, noise.t, cond * noise.keep_cond, history), target)
+
+
+def alignment_loss(probs: list[Tensor], heads: tuple[tuple[int, int], ...], rows: list[tuple[int, int, int]],
+                   windows: Tensor, eps: float = 1e-6) -> Tensor:
+    """-log of the attention mass each aligned head puts, from each speech position, on the
+    characters of its patch +-1 (text token k + 1: BOS comes first), averaged."""
+    total, count = probs[heads[0][0]].new_zeros(()), 0
+    for b, first, n in rows:
+        lo = (windows[b, :n, 0] - 1).clamp(min=0) + 1  # (n,) sequence positions
+        hi = windows[b, :n, 1] + 1 + 1  # exclusive; never past EOS, which follows the last char
+        cols = torch.arange(int(hi.max()), device=lo.device)
+        inside = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])  # (n, K)
+        for layer, head in heads:
+            attention = probs[layer][b, head, first : first + n, : cols.shape[0]]  # (n, K)
+            mass = (attention * inside).sum(dim=1)
+            total = total - torch.log(mass + eps).sum()
+            count += n
+    return total / max(count, 1)
+
+
+def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOptions(),
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Velocity MSE + stop BCE, + the attention alignment loss where the batch is aligned."""
+    supervise = options.alignment_weight > 0 and bool(options.aligned_heads) and batch.char_windows is not None
+    forced = teacher_force(model, batch, {layer for layer, _ in options.aligned_heads} if supervise else set())
+    n = options.diffusion_samples
+    x0, cond, history = (a.repeat_interleave(n, dim=0) for a in (forced.x0, forced.cond, forced.history))
+    noise = DiffusionNoise.draw(x0, history, model.config.diffusion.cond_dropout, options.history_noise, generator)
+    diffusion = velocity_loss(model, x0, cond, history, noise)
+    losses = {"loss": diffusion + options.stop_weight * forced.stop_loss, "diffusion": diffusion,
+              "stop": forced.stop_loss}
+    if supervise:
+        losses["alignment"] = alignment_loss(forced.probs, options.aligned_heads, forced.rows, batch.char_windows)
+        losses["loss"] = losses["loss"] + options.alignment_weight * losses["alignment"]
     return losses
-
-
-def guided_attention_loss(probs: list[Tensor], text_lengths: list[int], spans, width: float = 0.2) -> Tensor:
-    """DC-TTS guided attention: attention of speech position n (of N) to text token t (of T),
-    renormalised over the text, costs 1 - exp(-(n/N - t/T)^2 / 2 width^2); attention is
-    averaged over layers and heads.
-    spans: (batch row, first speech position, speech positions) per utterance."""
-    mean_probs = torch.stack(probs).mean(dim=(0, 2))  # (B, S, S): over layers and heads
-    total = mean_probs.new_zeros(())
-    for (b, first, count), text in zip(spans, text_lengths):
-        attention = mean_probs[b, first : first + count, :text]  # (N, T)
-        # Where each speech position looks *within the text*: most of its attention may go to
-        # the prompt and earlier speech, and that share must not hide a misaligned rest.
-        attention = attention / attention.sum(dim=1, keepdim=True).clamp(min=1e-6)
-        n = (torch.arange(count, dtype=attention.dtype) + 0.5) / count
-        t = (torch.arange(text, dtype=attention.dtype) + 0.5) / text
-        cost = 1.0 - torch.exp(-((n[:, None] - t[None, :]) ** 2) / (2 * width**2))
-        total = total + (attention * cost).sum(dim=1).mean()
-    return total / len(spans)
-
-
-def _velocity_loss(model: DiTAR, dcfg, x0: Tensor, cond: Tensor, history: Tensor, samples: int) -> Tensor:
-    """Several noise levels per patch: LocDiT is small next to the LM, so extra draws are
-    cheap variance reduction."""
-    x0, cond, history = (a.repeat_interleave(samples, dim=0) for a in (x0, cond, history))
-    keep = (torch.rand(cond.shape[0], 1) >= dcfg.cond_dropout).to(cond.dtype)
-    cond = cond * keep  # classifier-free guidance: unconditional = all-zero LM output
-    schedule = Schedule(dcfg.schedule)
-    t = torch.rand(x0.shape[0])
-    eps = torch.randn_like(x0)
-    tb = t[:, None, None]
-    x_t = schedule.noisy(x0, eps, tb)
-    target = schedule.velocity_target(x0, eps, tb)
-    return F.mse_loss(model.locdit(x_t, t, cond, history), target)
 
 
 def stft_magnitude(audio: Tensor, n_fft: int, hop: int) -> Tensor:

@@ -168,14 +168,24 @@ class Transformer(nn.Module):
         return self.norm(x), torch.stack(new_keys), torch.stack(new_values)  # keys (L, B, Hkv, S, hd)
 
 
-def causal_mask(steps: int, past: int, position: Tensor | int) -> Tensor:
+def causal_mask(steps: int, past: int, position: Tensor, device: torch.device) -> Tensor:
     """Additive mask (S, M + S): past slot j is visible if j < position (the cache may be a
     preallocated buffer longer than what is filled); new tokens see themselves causally."""
-    past_slots = torch.arange(past)[None, :]  # (1, M)
+    past_slots = torch.arange(past, device=device)[None, :]  # (1, M)
     past_mask = torch.where(past_slots < position, 0.0, MASK_VALUE).expand(steps, past)
-    new = torch.arange(steps)
+    new = torch.arange(steps, device=device)
     new_mask = torch.where(new[None, :] <= new[:, None], 0.0, MASK_VALUE)  # (S, S)
     return torch.cat([past_mask, new_mask], dim=1)
+
+
+def isolated_history_mask(history: int, patch: int, device: torch.device) -> Tensor:
+    """LocDiT's additive mask (1 + H + P, 1 + H + P) when history tokens attend only among
+    themselves: the condition token and the patch see everything."""
+    tokens = 1 + history + patch
+    is_history = torch.zeros(tokens, dtype=torch.bool, device=device)
+    is_history[1 : 1 + history] = True
+    blocked = is_history[:, None] & ~is_history[None, :]  # (S, S): a history row, a non-history column
+    return torch.where(blocked, MASK_VALUE, 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,11 +208,11 @@ class CausalLM(nn.Module):
         past_values: Tensor | None = None,
         position: Tensor | None = None,  # (1,) int64: filled slots of the cache
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        steps = embeds.shape[1]
+        steps, device = embeds.shape[1], embeds.device
         past = 0 if past_keys is None else past_keys.shape[3]
-        start = torch.zeros(1, dtype=torch.int64) if position is None else position
-        positions = start + torch.arange(steps)  # (S,)
-        mask = causal_mask(steps, past, start)
+        start = torch.zeros(1, dtype=torch.int64, device=device) if position is None else position
+        positions = start + torch.arange(steps, device=device)  # (S,)
+        mask = causal_mask(steps, past, start, device)
         hidden, keys, values = self.transformer(embeds, positions, mask, past_keys, past_values)
         stop_logits = self.stop_head(hidden).squeeze(-1)  # (B, S)
         return hidden, stop_logits, keys, values  # keys, values: (L, B, Hkv, S, hd), new only
@@ -222,7 +232,7 @@ class PatchAggregator(nn.Module):
     def forward(self, patches: Tensor) -> Tensor:  # (N, P, C) -> (N, D_lm)
         n = patches.shape[0]
         x = torch.cat([self.token.expand(n, 1, -1), self.in_proj(patches)], dim=1)  # (N, 1+P, d)
-        y, _, _ = self.transformer(x, torch.arange(x.shape[1]))  # bidirectional: no mask
+        y, _, _ = self.transformer(x, torch.arange(x.shape[1], device=x.device))  # bidirectional: no mask
         return self.out_proj(y[:, 0])
 
 
@@ -249,7 +259,8 @@ class LocDiT(nn.Module):
     def __init__(self, cfg: DiTARConfig) -> None:
         super().__init__()
         d, c = cfg.locdit.dim, cfg.audio.latent_dim
-        self.patch_size = cfg.patch_size
+        self.patch_size, self.history_frames = cfg.patch_size, cfg.history_frames
+        self.isolated_history = cfg.isolated_history
         self.cond_proj = nn.Linear(cfg.lm.dim, d)
         self.time_embed = TimestepEmbedding(cfg.diffusion.time_embed_dim, d)
         self.history_proj = nn.Linear(c, d)
@@ -268,8 +279,11 @@ class LocDiT(nn.Module):
     ) -> Tensor:
         c = self.cond_proj(cond) + self.time_embed(t)  # (B, d)
         tokens = torch.cat([c[:, None], self.history_proj(history), self.noisy_proj(x)], dim=1)
+        mask = (isolated_history_mask(self.history_frames, self.patch_size, x.device)
+                if self.isolated_history else None)
         # Bidirectional; only the patch positions' velocities are read out.
-        y, _, _ = self.transformer(tokens, torch.arange(tokens.shape[1]), outputs=self.patch_size)
+        positions = torch.arange(tokens.shape[1], device=x.device)
+        y, _, _ = self.transformer(tokens, positions, mask, outputs=self.patch_size)
         return self.out_proj(y)  # (B, P, C)
 
 

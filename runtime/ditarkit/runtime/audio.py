@@ -73,21 +73,23 @@ def normalize_loudness(audio: np.ndarray) -> np.ndarray:
 def prepare_reference(
     audio: np.ndarray, rate: int, target_rate: int, hop: int, max_seconds: float, source: str = "reference"
 ) -> np.ndarray:
-    """Any rate and channel count -> mono at `target_rate`, trimmed, loudness-normalised,
-    at most `max_seconds`, a whole number of hops long. Raises AudioError if unusable."""
+    """Any rate and channel count -> mono at `target_rate`, trimmed, loudness-normalised, its
+    last `max_seconds` at most, a whole number of hops long. Raises AudioError if unusable."""
     if audio.size == 0:
         raise AudioError(f"{source} is empty")
     mono = resample(to_mono(audio), rate, target_rate)
     if not np.isfinite(mono).all():
         raise AudioError(f"{source} contains NaN or infinite samples")
+    mono = mono - mono.mean()  # a DC offset is no sound: a constant signal must read as silence
     speech = trim_silence(mono, target_rate)
     if speech.size == 0 or dbfs(speech) < SILENCE_DBFS:
         raise AudioError(f"{source} is silent")
     seconds = len(speech) / target_rate
     if seconds < MIN_REFERENCE_SECONDS:
         raise AudioError(f"{source} has {seconds:.2f} s of sound; at least {MIN_REFERENCE_SECONDS:.1f} s is needed")
-    speech = speech[: int(max_seconds * target_rate)]
-    speech = speech[: len(speech) // hop * hop]
+    keep = int(max_seconds * target_rate) // hop * hop
+    speech = speech[-keep:] if len(speech) > keep else speech  # the voice continues from the prompt's end
+    speech = speech[len(speech) % hop :]  # a whole number of hops, cut from the start like the rest
     return normalize_loudness(speech)
 
 

@@ -4,6 +4,9 @@ Characters, not phonemes: the frontend must run on a robot with nothing but this
 installed (no espeak-ng system library), and character models need no lexicon to drift
 out of sync with the checkpoint. The cost, a model that must learn English spelling, is
 paid once at training time.
+
+`normalize` is the one normaliser of the kit: the training corpus speaks and aligns exactly
+the text it returns, so what a model reads at run time is what it read in training.
 """
 
 from __future__ import annotations
@@ -13,25 +16,109 @@ import unicodedata
 
 from ditarkit.runtime.config import TextConfig
 
-_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-_REPLACEMENTS = {
-    "\u2018": "'", "\u2019": "'", "\u201c": "", "\u201d": "", '"': "",
-    "\u2013": "-", "\u2014": ", ", "&": " and ", "%": " percent", "+": " plus ",
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_ORDINAL_WORDS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                  "nine": "ninth", "twelve": "twelfth"}
+_LARGEST_SPELLED = 10**9  # longer digit strings (serial numbers, phone numbers) are read digit by digit
+
+_CHARACTERS = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "`": "'", "\u201c": " ", "\u201d": " ", '"': " ",
+    "\u2013": "-", "\u2014": " -- ", "\u2026": "...", "(": " , ", ")": " , ", "[": " ", "]": " ",
+})
+_ABBREVIATIONS = {
+    "Mr.": "mister", "Mrs.": "missus", "Ms.": "miz", "Dr.": "doctor", "St.": "saint", "Jr.": "junior",
+    "Sr.": "senior", "Prof.": "professor", "Gen.": "general", "Capt.": "captain", "Lt.": "lieutenant",
+    "Col.": "colonel", "Sgt.": "sergeant", "Rev.": "reverend", "Mt.": "mount", "vs.": "versus",
+    "etc.": "etcetera", "e.g.": "for example", "i.e.": "that is", "a.m.": "a m", "p.m.": "p m",
+    "No.": "number",
 }
+_ABBREVIATION = re.compile(r"(?<![A-Za-z])(" + "|".join(
+    re.escape(k) for k in sorted(_ABBREVIATIONS, key=len, reverse=True)) + ")")
+_SYMBOLS = {"&": " and ", "%": " percent ", "+": " plus ", "@": " at ", "=": " equals ", "#": " number ",
+            "/": " slash "}
 
 
 class TextError(ValueError):
     """The text has nothing the model can speak."""
 
 
+def spell_number(n: int) -> str:
+    """English words for 0 <= n < 10**9; 1100-1999 and 2010-2099 are read as years."""
+    if not 0 <= n < _LARGEST_SPELLED:
+        raise ValueError(f"{n} is outside 0..{_LARGEST_SPELLED - 1}")
+    if 1100 <= n <= 1999 or 2010 <= n <= 2099:
+        high, low = divmod(n, 100)
+        return f"{spell_number(high)} " + ("hundred" if low == 0 else ("oh " if low < 10 else "") + spell_number(low))
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f" {_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" and {spell_number(rest)}" if rest else "")
+    for size, word in ((10**6, "million"), (1000, "thousand")):
+        if n >= size:
+            high, rest = divmod(n, size)
+            joiner = " and " if 0 < rest < 100 else " "
+            return f"{spell_number(high)} {word}" + (f"{joiner}{spell_number(rest)}" if rest else "")
+    raise AssertionError(n)
+
+
+def spell_ordinal(n: int) -> str:
+    *words, last = spell_number(n).split()
+    if last in _ORDINAL_WORDS:
+        last = _ORDINAL_WORDS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return " ".join([*words, last])
+
+
+def _spell_digits(digits: str) -> str:
+    return " ".join(_ONES[int(d)] for d in digits)
+
+
+def _spell_integer(digits: str) -> str:
+    if len(digits) > 1 and digits.startswith("0") or int(digits) >= _LARGEST_SPELLED:
+        return _spell_digits(digits)  # "007", a serial number: read as digits
+    return spell_number(int(digits))
+
+
+def _spell_numbers(text: str) -> str:
+    text = re.sub(r"\$(\d[\d,]*(?:\.\d+)?)", r"\1 dollars", text)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 12,000 -> 12000
+    text = re.sub(r"(\d+)(?:st|nd|rd|th)\b", lambda m: f" {spell_ordinal(int(m.group(1)))} "
+                  if int(m.group(1)) < _LARGEST_SPELLED else m.group(0), text)
+    text = re.sub(r"(\d+)\.(\d+)", lambda m: f" {_spell_integer(m.group(1))} point {_spell_digits(m.group(2))} ",
+                  text)
+    return re.sub(r"\d+", lambda m: f" {_spell_integer(m.group(0))} ", text)
+
+
+def expand_abbreviations(text: str) -> str:
+    """"Mr." -> "mister": before anything splits text at full stops."""
+    return _ABBREVIATION.sub(lambda m: f" {_ABBREVIATIONS[m.group(0)]} ", text)
+
+
 def normalize(text: str) -> str:
-    """Lower-case ASCII with digits spelled out and whitespace collapsed."""
-    for src, dst in _REPLACEMENTS.items():
-        text = text.replace(src, dst)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = text.lower()
-    text = re.sub(r"\d", lambda m: f" {_NUMBER_WORDS[int(m.group())]} ", text)
-    return re.sub(r"\s+", " ", text).strip()
+    """Lower-case ASCII as it is spoken: numbers, ordinals, years, currency, common
+    abbreviations and symbols spelled out; dashes, brackets, ";" and ":" become pauses (commas);
+    in-word hyphens become spaces; whitespace collapsed. Idempotent."""
+    text = unicodedata.normalize("NFKC", text).translate(_CHARACTERS)
+    text = expand_abbreviations(text)
+    text = _spell_numbers(text)
+    for symbol, words in _SYMBOLS.items():
+        text = text.replace(symbol, words)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
+    text = re.sub(r"\.{2,}|\s-{2,}\s|\s-\s|[;:]", " , ", text)  # ellipses, dashes, ; and : are pauses
+    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+([.,?!;:])", r"\1", text)  # punctuation sticks to its word, as it is spoken
+    text = re.sub(r"[.,?!;:]{2,}", lambda m: m.group(0)[-1], text)  # ", ." -> "."
+    return text.strip(" ,")
 
 
 class TextFrontend:
@@ -41,26 +128,32 @@ class TextFrontend:
         self.config = config
         self._ids = {s: i + config.NUM_SPECIAL for i, s in enumerate(config.symbols)}
 
+    def readable(self, text: str) -> str:
+        """What the model reads: the normalised text, keeping only the model's symbols.
+        Character i of it is token i + 1 of `encode` (after BOS)."""
+        return "".join(c for c in normalize(text) if c in self._ids)
+
     def encode(self, text: str) -> list[int]:
-        clean = normalize(text)
-        ids = [self._ids[c] for c in clean if c in self._ids]
-        if not any(c.isalnum() for c in clean if c in self._ids):
+        clean = self.readable(text)
+        if not any(c.isalnum() for c in clean):
             raise TextError(f"no speakable characters in text {text[:40]!r}")
-        if len(ids) + 2 > self.config.max_tokens:
+        if len(clean) + 2 > self.config.max_tokens:
             raise TextError(
-                f"text is {len(ids)} symbols, over the model's {self.config.max_tokens - 2}; "
+                f"text is {len(clean)} symbols, over the model's {self.config.max_tokens - 2}; "
                 "split it into sentences"
             )
-        return [self.config.BOS, *ids, self.config.EOS]
+        return [self.config.BOS, *(self._ids[c] for c in clean), self.config.EOS]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
 def split_sentences(text: str, max_chars: int = 200) -> list[str]:
-    """Split long text at sentence ends, then at commas, so each piece fits the model."""
+    """Normalise, then split at sentence ends and, where a sentence is still longer than
+    `max_chars`, at commas or spaces. Lengths are measured on the normalised text, the text
+    the model reads: "1,234,567" is 3 characters written and 50 spoken."""
     pieces: list[str] = []
-    for sentence in _SENTENCE_END.split(text.strip()):
+    for sentence in _SENTENCE_END.split(normalize(text)):
         while len(sentence) > max_chars:
             cut = sentence.rfind(",", 0, max_chars)
             cut = cut if cut > 0 else sentence.rfind(" ", 0, max_chars)

@@ -342,12 +342,12 @@ def load_piper(seed: int = 0) -> Any:
     makes its output repeatable."""
     import onnxruntime as ort
 
-    from ditarkit.training.corpus import CorpusError
-    from ditarkit.training.corpus import Synthesizer as CorpusSynthesizer
+    from ditarkit.training.sentences import CorpusError
+    from ditarkit.training.voices import VoiceEngines
 
     ort.set_seed(seed)
     try:
-        return CorpusSynthesizer(threads=1).piper
+        return VoiceEngines(threads=1).piper
     except CorpusError as err:
         raise EvaluationError(f"no Piper ceiling: {err} (or pass --no-piper)") from None
 

@@ -5,97 +5,81 @@
     python -m ditarkit.training.train ship  --run runs/default
 
 Each stage runs for a time or step budget, checkpoints atomically every few minutes and on
-exit, and resumes from its last checkpoint when started again: on a machine that is taken
-away mid-run, rerunning the same command goes on where it stopped. Works on CPU or a GPU.
+exit, and resumes from its last checkpoint when started again, exactly: the optimizer, the
+batch sampler's and torch's random states are saved with it, so a resumed run draws the
+batches and noise it would have drawn. Works on CPU or a GPU.
+
+The DiTAR stage makes the text carry the loss (the reasons are measured in FIELD-NOTES):
+a few LM heads are supervised toward the characters each patch speaks (`--aligned-heads`),
+LocDiT's history is mixed with noise now and then (`--history-noise`) so it must listen to
+the LM, and a new model starts with text embeddings at the patch vectors' scale and the LM's
+share of LocDiT's condition at the time embedding's. Every `--metrics-every` steps the
+alignment metrics (`metrics.py`) go into the log, and the curve (PNG) is redrawn.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
-from ditarkit.reference.losses import SpeechBatch, ditar_loss, train_step, vae_loss
+from ditarkit.reference.losses import LossOptions, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
-from ditarkit.runtime.audio import normalize_loudness
-from ditarkit.runtime.config import DiTARConfig, patches_in, preset
+from ditarkit.runtime.config import DiTARConfig, preset
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.text import TextFrontend
+from ditarkit.training.curve import plot_curve
+from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
+from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline
 
-STATE_FILE = "trainer.pt"  # optimizer and step, beside the model checkpoint of a stage
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# Corpus
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Utterance:
-    id: str
-    voice: str
-    text: str
-    path: Path
-
-
-def read_corpus(root: str | Path) -> list[Utterance]:
-    root = Path(root)
-    manifest = root / "train.jsonl"
-    if not manifest.is_file():
-        raise SystemExit(f"error: no train.jsonl in {root}: run python -m ditarkit.training.corpus first")
-    items = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    return [Utterance(i["id"], i["voice"], i["text"], root / i["path"]) for i in items]
-
-
-class AudioCache:
-    """Corpus audio, loudness-normalised like runtime references, held in RAM as int16."""
-
-    def __init__(self, sample_rate: int) -> None:
-        self.sample_rate = sample_rate
-        self._cache: dict[Path, np.ndarray] = {}
-
-    def __call__(self, path: Path) -> np.ndarray:
-        if path not in self._cache:
-            audio, rate = sf.read(str(path), dtype="float32")
-            if rate != self.sample_rate:
-                raise SystemExit(f"error: {path} is {rate} Hz; the corpus must be {self.sample_rate} Hz")
-            self._cache[path] = (normalize_loudness(audio) * 32767).astype(np.int16)
-        return self._cache[path].astype(np.float32) / 32767
+STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
+LOG_FILE = "log.jsonl"
+CURVE_FILE = "curve.png"
 
 
 # --------------------------------------------------------------------------------------
-# Shared loop: budget, checkpoints, resume, logging
+# Shared loop: budget, checkpoints, exact resume, logging
 # --------------------------------------------------------------------------------------
 class Stage:
-    """Runs `step()` until the budget is spent; checkpoints every `every` seconds."""
+    """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
+    (anything with state()/restore()) has its random state saved and restored with the
+    optimizer's and torch's."""
 
-    def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str) -> None:
-        self.name, self.dir, self.model, self.device = name, run / name, model, device
+    def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
+                 sampler=None) -> None:
+        self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
         self.dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
         self.lr, self.warmup, self.step = lr, warmup, 0
+        self.resumed = False
         state = self.dir / STATE_FILE
         if state.is_file():
-            saved = torch.load(state, map_location=device, weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.step = saved["step"]
+            self._restore(torch.load(state, map_location="cpu", weights_only=True))
             log(f"{name}: resumed at step {self.step}")
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _restore(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.step, self.resumed = saved["step"], True
+        if "torch_rng" in saved:
+            torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if self.sampler is not None and saved.get("sampler_rng") is not None:
+            self.sampler.restore(_tuples(saved["sampler_rng"]))
 
     def _request_stop(self, *_args) -> None:
         self.stop_requested = True
@@ -107,15 +91,24 @@ class Stage:
 
     def save(self) -> None:
         save_checkpoint(self.model, self.dir)
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step}
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "sampler_rng": None if self.sampler is None else self.sampler.state()}
         atomic_write(self.dir / STATE_FILE, lambda p: torch.save(state, p))
 
-    def run(self, step_fn, minutes: float, max_steps: int | None, every: float = 300.0, log_every: int = 50):
+    def record(self, row: dict) -> None:
+        with (self.dir / LOG_FILE).open("a") as fh:
+            fh.write(json.dumps({"step": self.step, "time": time.time(), **row}) + "\n")
+
+    def run(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
+            every: float = 300.0, log_every: int = 50, evaluate: Callable[[], dict] | None = None,
+            evaluate_every: int = 0) -> None:
         start = last_save = time.time()
         first_step = self.step
         totals: dict[str, float] = defaultdict(float)
         summed = 0
-        history = self.dir / "log.jsonl"
+        if evaluate and evaluate_every and not self.resumed:
+            self._evaluate(evaluate)  # the starting point of the curve
         while not self.stop_requested:
             if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
                 break
@@ -131,21 +124,34 @@ class Stage:
                 rate = (self.step - first_step) / max(time.time() - start, 1e-9)
                 log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     + f" ({rate:.2f} steps/s)")
-                with history.open("a") as fh:
-                    fh.write(json.dumps({"step": self.step, "time": time.time(), **means}) + "\n")
+                self.record(means)
+            if evaluate and evaluate_every and self.step % evaluate_every == 0:
+                self._evaluate(evaluate)
             if time.time() - last_save > every:
                 self.save()
                 last_save = time.time()
         self.save()
         log(f"{self.name}: saved at step {self.step} in {self.dir}")
 
+    def _evaluate(self, evaluate: Callable[[], dict]) -> None:
+        row = evaluate()
+        log(f"{self.name} step {self.step} metrics: " + " ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        self.record(row)
+        plot_curve(self.dir / LOG_FILE, self.dir / CURVE_FILE, f"{self.name}: {self.dir}")
 
-def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None) -> DiTAR:
+
+def _tuples(value):
+    """random.Random state survives torch.save as lists; setstate wants tuples."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None,
+               vae_from: Path | None = None) -> DiTAR:
     """Resume from the stage's own checkpoint if it exists, else start from `init_from` (a
-    whole checkpoint, such as the shipped default voice: how training goes on on a fresh
-    machine). A new DiTAR stage is otherwise built from the preset and takes only the VAE
-    (weights and latent statistics) from the VAE stage, so the preset, not the VAE run,
-    decides the sizes of the LM and LocDiT."""
+    whole checkpoint, such as the shipped default voice). A new DiTAR stage is otherwise built
+    from the preset and takes only the VAE (weights and latent statistics) from `vae_from` or
+    the VAE stage, so the preset, not the VAE run, decides the sizes of the LM and LocDiT."""
     own = run / stage
     if (own / WEIGHTS_FILE).is_file():
         log(f"{stage}: resuming from {own}")
@@ -155,11 +161,12 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
         return load_checkpoint(init_from).to(device)
     model = DiTAR(config)
     if stage == "ditar":
-        vae = load_checkpoint(run / "vae")
+        source = vae_from or run / "vae"
+        vae = load_checkpoint(source)
         if (vae.config.audio, vae.config.vae) != (config.audio, config.vae):
-            raise SystemExit(f"error: the VAE in {run / 'vae'} was trained for another audio/VAE config")
+            raise SystemExit(f"error: the VAE in {source} was made for another audio/VAE config than {config.name}")
         model.vae.load_state_dict(vae.vae.state_dict())
-        log(f"ditar: new {config.name} model on the VAE of {run / 'vae'}")
+        log(f"ditar: new {config.name} model on the VAE of {source}")
     return model.to(device)
 
 
@@ -167,7 +174,7 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
 # Stage 1: VAE
 # --------------------------------------------------------------------------------------
 def train_vae(args) -> None:
-    corpus = read_corpus(args.corpus)
+    corpus = read_manifest(args.corpus)
     model = _model_for(args.run, "vae", preset(args.preset), args.device, args.init_from)
     cfg = model.config
     audio = AudioCache(cfg.audio.sample_rate)
@@ -184,11 +191,22 @@ def train_vae(args) -> None:
             clips.append(wav[offset : offset + crop])
         return torch.from_numpy(np.stack(clips)).to(args.device)
 
-    stage = Stage("vae", args.run, model, model.vae.parameters(), args.lr, 200, args.device)
+    stage = Stage("vae", args.run, model, model.vae.parameters(), args.lr, 200, args.device, _RandomState(rng))
     model.train()
     stage.run(lambda: train_step(stage.optimizer, vae_loss, model.vae, batch()), args.minutes, args.steps)
     set_latent_statistics(model, corpus, audio, args.device)
     stage.save()
+
+
+class _RandomState:
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def state(self) -> tuple:
+        return self.rng.getstate()
+
+    def restore(self, state: tuple) -> None:
+        self.rng.setstate(state)
 
 
 @torch.no_grad()
@@ -213,103 +231,105 @@ def set_latent_statistics(model: DiTAR, corpus: list[Utterance], audio: AudioCac
 # Stage 2: aggregator, LM, LocDiT and stop head on frozen-VAE latents
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_corpus(model: DiTAR, corpus: list[Utterance], run: Path, device: str) -> dict[str, np.ndarray]:
-    """Normalised latents of every utterance, cached in the run folder (fp16), keyed by the
-    VAE weights they came from."""
-    path = run / f"latents-{vae_fingerprint(model)}.npz"
-    latents = {k: v.astype(np.float32) for k, v in np.load(path).items()} if path.is_file() else {}
-    missing = [u for u in corpus if u.id not in latents]  # the corpus may have grown since
-    if not missing:
-        return latents
-    model.eval()
-    audio = AudioCache(model.config.audio.sample_rate)
-    hop = model.config.audio.hop_length
-    for index, item in enumerate(missing):
-        wav = audio(item.path)
-        wav = wav[: len(wav) // hop * hop]
-        latents[item.id] = model.vae.encode(torch.from_numpy(wav)[None].to(device))[0].cpu().numpy()
-        if index % 500 == 0:
-            log(f"encoding corpus: {index}/{len(missing)} new utterances")
-    atomic_write(path, lambda tmp: _save_npz(tmp, {k: v.astype(np.float16) for k, v in latents.items()}))
-    return latents
+def balance_scales(model: DiTAR, batch) -> dict[str, float]:
+    """A new model's text embeddings at the patch vectors' scale, and the LM's share of
+    LocDiT's condition token at least at the time embedding's: without this the LM sees text
+    far quieter than audio (norm 0.3 against ~10 at init), and LocDiT's condition can be
+    mostly time. Training-only (initial values)."""
+    cfg = model.config
+    p = cfg.patch_size
+    patches = batch.target[:, : p * int(batch.target_patches.min())].reshape(-1, p, cfg.audio.latent_dim)
+    patch_norm = model.aggregator(patches).norm(dim=-1).mean()
+    model.text_embedding.weight.mul_(patch_norm / model.text_embedding.weight.norm(dim=-1).mean())
+    hidden = model.lm.transformer.norm(torch.randn(256, cfg.lm.dim, device=patches.device))  # unit-RMS like h_i
+    time_norm = model.locdit.time_embed(torch.rand(256, device=patches.device)).norm(dim=-1).mean()
+    cond_norm = model.locdit.cond_proj(hidden).norm(dim=-1).mean()
+    model.locdit.cond_proj.weight.mul_(max(1.0, float(time_norm / cond_norm)))  # raised, never lowered
+    return {"patch_vector_norm": float(patch_norm), "time_embed_norm": float(time_norm),
+            "cond_norm_before": float(cond_norm)}
 
 
-def vae_fingerprint(model: DiTAR) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.vae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:12]
+def free_running_wer(checkpoint: Path, corpus: Path, sentences: int) -> dict[str, float]:
+    """Export the checkpoint and let it speak held-out sentences in unseen voices: WER by
+    Whisper and F0 distance, through the evaluation command (subprocesses: training does not
+    import the exporter)."""
+    bundle, report = checkpoint / "bundle", checkpoint / "wer.json"
+    commands = [
+        ["ditar-export", "--checkpoint", str(checkpoint), "--out", str(bundle), "--no-trt", "--no-parity"],
+        [sys.executable, "-m", "ditarkit.training.evaluate", "--bundle", str(bundle), "--corpus", str(corpus),
+         "--sentences", str(sentences), "--no-piper", "--out", str(report)],
+    ]
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            log(f"free-running WER skipped: {' '.join(command[:3])} failed: {done.stderr.strip()[-300:]}")
+            return {}
+    row = json.loads(report.read_text())["systems"][0]
+    return {"wer_pct": 100 * row["wer"], "f0_semitones": (row.get("f0") or {}).get("median_abs_semitones")}
 
 
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
-        np.savez(fh, **arrays)
+def parse_heads(spec: str, config: DiTARConfig) -> tuple[tuple[int, int], ...]:
+    """'1:0,1:1' -> ((1, 0), (1, 1)), checked against the LM's layers and heads."""
+    heads = []
+    for item in filter(None, spec.split(",")):
+        try:
+            layer, head = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"error: --aligned-heads item {item!r} is not LAYER:HEAD") from None
+        if not (0 <= layer < config.lm.layers and 0 <= head < config.lm.heads):
+            raise SystemExit(f"error: head {item} is outside the LM's "
+                             f"{config.lm.layers} layers x {config.lm.heads} heads")
+        heads.append((layer, head))
+    return tuple(heads)
 
 
-class DiTARBatches:
-    """Target utterance + a prompt cut from another utterance of the same voice."""
-
-    def __init__(self, corpus, latents, config: DiTARConfig, batch: int, seed: int, max_target_seconds: float,
-                 prompt_seconds: tuple[float, float]) -> None:
-        self.items = [u for u in corpus if u.id in latents]
-        self.latents, self.cfg, self.batch = latents, config, batch
-        self.rng = random.Random(seed)
-        self.by_voice = defaultdict(list)
-        for u in self.items:
-            self.by_voice[u.voice].append(u)
-        self.frontend = TextFrontend(config.text)
-        p = config.patch_size
-        self.max_target = patches_in(max_target_seconds, config.patch_seconds)
-        self.prompt_range = tuple(patches_in(s, config.patch_seconds) for s in prompt_seconds)
-        self.p = p
-
-    def _patches(self, frames: np.ndarray, count: int, random_start: bool) -> np.ndarray:
-        n = min(count, len(frames) // self.p)
-        start = self.rng.randrange(0, len(frames) // self.p - n + 1) if random_start else 0
-        return frames[start * self.p : (start + n) * self.p]
-
-    def __call__(self, device: str) -> SpeechBatch:
-        texts, prompts, targets = [], [], []
-        while len(texts) < self.batch:
-            item = self.rng.choice(self.items)
-            others = [u for u in self.by_voice[item.voice] if u.id != item.id] or [item]
-            target = self.latents[item.id]
-            if len(target) // self.p > self.max_target or len(target) < self.p:
-                continue  # too long to fit the budget, or empty
-            prompt = self._patches(self.latents[self.rng.choice(others).id],
-                                   self.rng.randint(*self.prompt_range), random_start=True)
-            if len(prompt) < self.cfg.history_frames:
-                continue
-            texts.append(self.frontend.encode(item.text))
-            prompts.append(prompt)
-            targets.append(self._patches(target, self.max_target, random_start=False))
-        pad = lambda arrays: torch.nn.utils.rnn.pad_sequence([torch.from_numpy(a) for a in arrays], batch_first=True)  # noqa: E731
-        return SpeechBatch(
-            text_ids=pad([np.asarray(t, np.int64) for t in texts]).to(device),
-            text_lengths=torch.tensor([len(t) for t in texts]),
-            prompt=pad(prompts).to(device),
-            prompt_patches=torch.tensor([len(p) // self.p for p in prompts]),
-            target=pad(targets).to(device),
-            target_patches=torch.tensor([len(t) // self.p for t in targets]),
-        )
+def _aligned(items: list[Utterance], frontend: TextFrontend) -> list[Utterance]:
+    """Utterances whose alignment covers exactly the characters the model reads."""
+    kept = [u for u in items if u.chars is not None and len(u.chars) == len(frontend.readable(u.text))]
+    if len(kept) < len(items):
+        log(f"{len(items) - len(kept)} of {len(items)} utterances have no usable alignment: left out")
+    return kept
 
 
 def train_ditar(args) -> None:
-    corpus = read_corpus(args.corpus)
-    if not (args.run / "vae" / WEIGHTS_FILE).is_file() and not args.init_from:
-        raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...) or give --init-from")
-    model = _model_for(args.run, "ditar", preset(args.preset), args.device, args.init_from)
-    latents = encode_corpus(model, corpus, args.run, args.device)
+    if not (args.run / "vae" / WEIGHTS_FILE).is_file() and not (args.init_from or args.vae_from):
+        raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...), "
+                         "or give --vae-from or --init-from")
+    config = preset(args.preset)
+    if args.isolated_history is not None:
+        config = dataclasses.replace(config, isolated_history=args.isolated_history == "on")
+    model = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
+    frontend = TextFrontend(model.config.text)
+    corpus = read_manifest(args.corpus)
+    probe = read_manifest(args.corpus, "probe.jsonl") if (args.corpus / "probe.jsonl").is_file() else []
+    if args.aligned_heads:
+        corpus, probe = _aligned(corpus, frontend), _aligned(probe, frontend)
+    latents = encode_corpus(model, corpus + probe, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
+    options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
+                          alignment_weight=args.alignment_weight, history_noise=args.history_noise)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
-    stage = Stage("ditar", args.run, model, params, args.lr, 500, args.device)
+    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches)
+    if not stage.resumed and not args.init_from:
+        log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device))))
+    evaluate = None
+    if probe:
+        probe_batch = build_probe(probe, batches, args.device)
+        log("ditar: a fixed-pace reader on the probe: " + json.dumps(
+            clock_baseline(batches.items, probe_batch, batches.patch_samples)))
+
+        def evaluate() -> dict:
+            row = alignment_metrics(model, probe_batch, options.aligned_heads)
+            if args.wer_every and stage.step % args.wer_every == 0 and stage.step:
+                stage.save()
+                row.update(free_running_wer(stage.dir, args.corpus, args.wer_sentences))
+            return row
+    log(f"ditar: {len(batches.items)} training utterances, {len(probe)} probe, loss options {options}")
     model.train()
     model.vae.eval()
-    stage.run(lambda: train_step(stage.optimizer, ditar_loss, model, batches(args.device),
-                                 diffusion_samples=args.diffusion_samples,
-                                 alignment_weight=args.alignment_weight), args.minutes, args.steps)
+    stage.run(lambda: train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options),
+              args.minutes, args.steps, evaluate=evaluate, evaluate_every=args.metrics_every)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,7 +359,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop-seconds", type=float, default=1.0, help="VAE training crops")
     parser.add_argument("--max-target-seconds", type=float, default=8.0)
     parser.add_argument("--diffusion-samples", type=int, default=2, help="noise levels drawn per patch")
-    parser.add_argument("--alignment-weight", type=float, default=1.0, help="guided-attention loss weight")
+    parser.add_argument("--aligned-heads", default="1:0,1:1,2:0,2:1",
+                        help="LAYER:HEAD,... of the LM supervised toward the spoken characters ('' for none)")
+    parser.add_argument("--alignment-weight", type=float, default=0.3, help="attention alignment loss weight")
+    parser.add_argument("--history-noise", type=float, default=0.3,
+                        help="probability that a patch's LocDiT history is mixed with noise in training")
+    parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--metrics-every", type=int, default=200, help="alignment metrics on the probe (0: never)")
+    parser.add_argument("--wer-every", type=int, default=0,
+                        help="free-running WER through an exported bundle every N steps (a multiple of "
+                        "--metrics-every; 0: never)")
+    parser.add_argument("--wer-sentences", type=int, default=6, help="held-out sentences of that WER")
+    parser.add_argument("--isolated-history", choices=["on", "off"],
+                        help="a new model's LocDiT history attention (default: the preset's)")
+    parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
+                        "shipped default voice), instead of the VAE stage's")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="ship: checkpoint folder (default: the embedded default voice)")

@@ -1,0 +1,131 @@
+"""Alignment metrics: does the LM read the text, and does LocDiT listen to the LM?
+
+Measured teacher-forced on the corpus probe (held-out sentences in the base voice at three
+speaking rates, with piper's alignment) under one fixed draw of noise, so that two
+measurements differ only by the model:
+
+- loss gaps: the diffusion loss with each utterance's text swapped for another's, and with
+  the LM output zeroed, relative to the right text (a model that ignores the text scores 0);
+- text mass per head: the attention from speech positions on the characters (BOS and EOS
+  left out: BOS is an attention sink that would make every head look like a reader);
+- aligned-head error: how many characters a head's most-attended character lies outside the
+  characters actually spoken in the patch, per speaking rate. A head that keeps a fixed pace
+  drifts at 0.7 and 1.5 however well it fits 1.0.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ditarkit.reference.losses import DiffusionNoise, SpeechBatch, teacher_force, velocity_loss
+from ditarkit.reference.model import DiTAR
+from ditarkit.runtime.text import TextFrontend
+from ditarkit.training.data import DiTARBatches, Utterance, collate
+
+PROBE_SEED = 1234  # the probe's prompts and noise: fixed for the whole run
+
+
+@dataclass
+class Probe:
+    batch: SpeechBatch
+    swapped: SpeechBatch  # the same audio under other utterances' texts
+    rates: list[float]  # per utterance
+    text_chars: list[int]  # characters per utterance (BOS/EOS excluded)
+
+
+def build_probe(probe: list[Utterance], batches: DiTARBatches, device: str) -> Probe:
+    """Each probe utterance with a prompt from a training utterance of its voice."""
+    rng = random.Random(PROBE_SEED)
+    frontend = TextFrontend(batches.cfg.text)
+    p = batches.p
+    texts, prompts, targets, windows = [], [], [], []
+    for item in probe:
+        frames = batches.latents[item.id]
+        target = frames[: len(frames) // p * p]
+        texts.append(frontend.encode(item.text))
+        prompts.append(batches.prompt_for(item, rng))
+        targets.append(target)
+        windows.append(item.char_windows(len(target) // p, batches.patch_samples))
+    batch = collate(batches.cfg, texts, prompts, targets, windows, device)
+    # swap texts between different sentences of the same rate group: shift by one sentence
+    order = sorted(range(len(probe)), key=lambda i: (probe[i].rate, probe[i].text))
+    shifted = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    swapped = collate(batches.cfg, [texts[shifted[i]] for i in range(len(texts))], prompts, targets,
+                      [None] * len(texts), device)
+    return Probe(batch, swapped, [u.rate for u in probe], [len(t) - 2 for t in texts])
+
+
+def clock_baseline(train: list[Utterance], probe: Probe, patch_samples: int) -> dict[str, float]:
+    """What a head that keeps a fixed pace scores: character j * c at patch j, with c the
+    characters per patch of the training corpus. A reader must beat it at every rate."""
+    chars = sum(len(u.chars) for u in train if u.chars is not None)
+    patches = sum(int(u.chars[-1, 1]) / patch_samples for u in train if u.chars is not None)
+    pace = chars / max(patches, 1e-9)
+    windows = probe.batch.char_windows.cpu().numpy()
+    errors: dict[float, list[float]] = defaultdict(list)
+    for b, (rate, n_chars) in enumerate(zip(probe.rates, probe.text_chars)):
+        n = int(probe.batch.target_patches[b])
+        looked = np.minimum(np.round(np.arange(n) * pace), n_chars - 1)
+        lo, hi = windows[b, :n, 0], windows[b, :n, 1]
+        errors[rate].append(float(np.mean(np.maximum(lo - looked, 0) + np.maximum(looked - hi, 0))))
+    per_rate = {f"clock_error_r{r:g}": float(np.mean(e)) for r, e in sorted(errors.items())}
+    return {"clock_chars_per_patch": pace, **per_rate}
+
+
+def _noise_for(x0: Tensor, history: Tensor) -> DiffusionNoise:
+    generator = torch.Generator(device=x0.device).manual_seed(PROBE_SEED)
+    return DiffusionNoise.draw(x0, history, cond_dropout=0.0, history_noise=0.0, generator=generator)
+
+
+@torch.no_grad()
+def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        layers = set(range(model.config.lm.layers))
+        forced = teacher_force(model, probe.batch, layers)
+        noise = _noise_for(forced.x0, forced.history)
+        right = float(velocity_loss(model, forced.x0, forced.cond, forced.history, noise))
+        zeroed = float(velocity_loss(model, forced.x0, torch.zeros_like(forced.cond), forced.history, noise))
+        swapped_cond = teacher_force(model, probe.swapped).cond
+        swapped = float(velocity_loss(model, forced.x0, swapped_cond, forced.history, noise))
+        out = {"probe_diffusion": right, "gap_swapped_text_pct": 100 * (swapped / right - 1),
+               "gap_zeroed_lm_pct": 100 * (zeroed / right - 1)}
+        out.update(_head_metrics(forced.probs, forced.rows, probe, aligned_heads))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _head_metrics(probs: list[Tensor], rows: list[tuple[int, int, int]], probe: Probe,
+                  aligned_heads: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    windows = probe.batch.char_windows
+    heads = probs[0].shape[1]
+    mass = np.zeros((len(probs), heads))
+    errors: dict[float, list[np.ndarray]] = defaultdict(list)  # rate -> (L, H) mean errors per utterance
+    for (b, first, n), rate, chars in zip(rows, probe.rates, probe.text_chars):
+        stacked = torch.stack([p[b, :, first : first + n, 1 : 1 + chars] for p in probs])  # (L, H, n, chars)
+        mass += stacked.sum(-1).mean(-1).cpu().numpy() / len(rows)
+        looked = stacked.argmax(-1).cpu().numpy()  # (L, H, n): 0-based character
+        lo, hi = windows[b, :n, 0].cpu().numpy(), windows[b, :n, 1].cpu().numpy()
+        miss = np.maximum(lo - looked, 0) + np.maximum(looked - hi, 0)
+        errors[rate].append(miss.mean(-1))
+    out: dict[str, float] = {"text_mass_max": float(mass.max()), "text_mass_mean": float(mass.mean()),
+                             "heads_reading": int((mass > 0.1).sum())}
+    per_rate = {rate: np.mean(e, axis=0) for rate, e in sorted(errors.items())}  # (L, H) each
+    worst = np.max(np.stack(list(per_rate.values())), axis=0)  # a head's error at its worst rate
+    best = np.unravel_index(int(worst.argmin()), worst.shape)
+    out["best_head"] = f"{best[0]}:{best[1]}"
+    for rate, err in per_rate.items():
+        out[f"best_head_error_r{rate:g}"] = float(err[best])
+        if aligned_heads:
+            out[f"aligned_error_r{rate:g}"] = float(np.mean([err[layer, head] for layer, head in aligned_heads]))
+    for layer, head in aligned_heads:
+        out[f"mass_{layer}:{head}"] = float(mass[layer, head])
+    return out
