@@ -283,10 +283,16 @@ def test_closing_a_wrapping_synthesizer_leaves_the_runner_to_its_owner(bundle, r
 
 
 # -- a reference with no sound ---------------------------------------------------------------
-@pytest.mark.parametrize("level", [0.5, -0.9])
-def test_a_constant_dc_reference_is_refused_as_silent(bundle, tmp_path, level):
+# At another rate the DC is removed after resampling, whose edge transients then read as
+# "0.02 s of sound": refused, but for the wrong reason, until audio.prepare_reference removes
+# the mean before resampling (issue-14 report). Remove the marker then.
+
+
+@pytest.mark.parametrize(("level", "rate"), [(0.5, 24_000), (-0.9, 24_000),
+                                             pytest.param(0.5, 44_100)])
+def test_a_constant_dc_reference_is_refused_as_silent(bundle, tmp_path, level, rate):
     ref = tmp_path / "dc.wav"
-    sf.write(ref, np.full(48_000, level, np.float32), 24_000)
+    sf.write(ref, np.full(2 * rate, level, np.float32), rate)
     result = _run(["--bundle", str(bundle), "--ref", str(ref), *SHORT, "-o", str(tmp_path / "out.wav")])
     _assert_one_line_error(result, "silent")
 

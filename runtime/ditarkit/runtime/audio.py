@@ -77,10 +77,11 @@ def prepare_reference(
     last `max_seconds` at most, a whole number of hops long. Raises AudioError if unusable."""
     if audio.size == 0:
         raise AudioError(f"{source} is empty")
-    mono = resample(to_mono(audio), rate, target_rate)
+    mono = to_mono(audio)
     if not np.isfinite(mono).all():
         raise AudioError(f"{source} contains NaN or infinite samples")
-    mono = mono - mono.mean()  # a DC offset is no sound: a constant signal must read as silence
+    # A DC offset is no sound. Removed before resampling, whose edge ringing would read as sound.
+    mono = resample((mono - mono.mean(dtype=np.float64)).astype(np.float32), rate, target_rate)
     speech = trim_silence(mono, target_rate)
     if speech.size == 0 or dbfs(speech) < SILENCE_DBFS:
         raise AudioError(f"{source} is silent")
