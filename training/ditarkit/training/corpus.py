@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditarkit.runtime.audio import write_wav
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.training.sentences import (
     FORTUNES_DIR,
@@ -132,13 +133,6 @@ def probe_plan(text: TextPlan, count: int = PROBE_SENTENCES) -> list[Utt]:
 
 
 # --------------------------------------------------------------------------- clips
-def write_wav_atomic(path: Path, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: sf.write(tmp, np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV"))
-
-
 def wav_seconds(path: Path) -> float | None:
     """Duration of a valid corpus wav (24 kHz mono, 1..12 s), else None."""
     import soundfile as sf
@@ -176,7 +170,9 @@ def make_clip(root: str, utt: Utt, threads: int = 1, aligned: bool = True) -> tu
         return None, "silent"
     if aligned and voice.aligned and rendered.char_spans is None:
         return None, "no alignment: the phoneme words do not match the text's words"
-    write_wav_atomic(Path(root) / utt.path, rendered.audio)
+    path = Path(root) / utt.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_wav(path, np.clip(rendered.audio, -1.0, 1.0), SAMPLE_RATE)
     row = {**asdict(utt), "seconds": round(sec, 3)}
     if rendered.char_spans is not None:
         row["chars"] = rendered.char_spans.tolist()
