@@ -16,7 +16,8 @@ from ditarkit.runtime.machine import cpu_features, describe_features
 
 pytest.importorskip("torch", reason="the bench exports the model and runs its PyTorch row with torch")
 
-GRAPHS_PER_PATCH = {"text_embedding", "patch_encoder", "lm", "locdit_sampler", "vae_decoder"}
+# the graphs a synthesis calls (the tiny preset has a text cursor)
+GRAPHS_PER_PATCH = {"text_embedding", "text_cursor", "patch_encoder", "lm", "locdit_sampler", "vae_decoder"}
 
 
 def positive(value) -> bool:

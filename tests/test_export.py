@@ -15,7 +15,16 @@ from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import TOLERANCE, check_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import unavailable_reason
-from ditarkit.runtime.manifest import GRAPH_NAMES, LM, LOCDIT, LOCDIT_SAMPLER, MANIFEST_FILE, BundleError, load_manifest
+from ditarkit.runtime.manifest import (
+    GRAPH_NAMES,
+    LM,
+    LOCDIT,
+    LOCDIT_SAMPLER,
+    MANIFEST_FILE,
+    TEXT_CURSOR,
+    BundleError,
+    load_manifest,
+)
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 LOOP_STEPS = 20
@@ -33,7 +42,7 @@ def bundles(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_every_graph_matches_pytorch(tiny_model, bundles, precision):
     results = check_bundle(tiny_model, bundles[precision][0], precision)
-    assert {r.graph for r in results} == set(GRAPH_NAMES)
+    assert {r.graph for r in results} == {*GRAPH_NAMES, TEXT_CURSOR}
     failures = [r for r in results if not r.ok]
     assert not failures, failures
     worst = max(r.max_abs / r.scale for r in results)
@@ -46,15 +55,17 @@ def test_lm_prefill_and_steps_through_onnxruntime_match_the_full_forward(tiny_mo
     embeds = np.random.default_rng(0).standard_normal((12 + LOOP_STEPS, dim)).astype(np.float32)
     with torch.inference_mode():
         full_hidden, full_stop, _, _ = tiny_model.lm(torch.from_numpy(embeds)[None])
+        full_advance = tiny_model.lm.advance_head(full_hidden)
     state = runner.new_lm_state(64)
-    hidden, stop = runner.lm_step(embeds[:12], state)
-    outs = [(hidden, stop)]
+    outs = [runner.lm_step(embeds[:12], state)]
     for i in range(12, 12 + LOOP_STEPS):
         outs.append(runner.lm_step(embeds[i : i + 1], state))
-    got_hidden = np.stack([h for h, _ in outs])
+    got_hidden = np.stack([o.hidden for o in outs])
     want_hidden = full_hidden[0, 11:].numpy()
     assert np.abs(got_hidden - want_hidden).max() <= TOLERANCE["fp32"] * max(1.0, np.abs(want_hidden).max())
-    np.testing.assert_allclose([s for _, s in outs], full_stop[0, 11:].numpy(), atol=TOLERANCE["fp32"])
+    np.testing.assert_allclose([o.stop_logit for o in outs], full_stop[0, 11:].numpy(), atol=TOLERANCE["fp32"])
+    np.testing.assert_allclose(np.stack([o.advance_logits for o in outs]), full_advance[0, 11:].numpy(),
+                               atol=TOLERANCE["fp32"])
     assert state.position == 12 + LOOP_STEPS
 
 
@@ -116,6 +127,22 @@ def test_edited_manifest_and_foreign_version_are_refused(bundles, tmp_path):
         load_manifest(bundle)
 
 
+def test_the_text_cursor_graph_is_part_of_the_contract_exactly_when_the_config_has_a_cursor(bundles, tmp_path):
+    import dataclasses
+
+    from ditarkit.runtime.config import preset
+    from ditarkit.runtime.manifest import LM_ADVANCE_LOGITS, graph_signatures
+
+    plain = graph_signatures(dataclasses.replace(preset("tiny"), cursor=None))
+    assert set(plain) == set(GRAPH_NAMES) and LM_ADVANCE_LOGITS not in plain[LM].output_names
+    bundle = _copy_bundle(bundles["fp32"][0], tmp_path / "b")
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    del manifest["graphs"][TEXT_CURSOR]
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"lacks graphs \['text_cursor'\]"):
+        load_manifest(bundle)
+
+
 @pytest.mark.parametrize(("section", "key", "value"), [
     ("kv_cache", "layers", 99), ("kv_cache", "head_dim", 3), ("kv_cache", "shared_buffer", True),
     ("streaming", "decoder_context_frames", 1),
@@ -161,7 +188,7 @@ def test_tensorrt_engines_build_and_match_pytorch(tiny_model, bundles):
     path = bundles["fp32"][0]
     build_engines(path)
     trt_runner, reference = TensorRTRunner(path), TorchRunner(tiny_model)
-    for name in GRAPH_NAMES:
+    for name in trt_runner.specs:
         feeds = parity_inputs(trt_runner, name, "opt")
         for a, b in zip(reference.run(name, feeds), trt_runner.run(name, feeds)):
             assert np.abs(a - b).max() <= 1e-3 * max(1.0, np.abs(a).max()), name

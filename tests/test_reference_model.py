@@ -166,7 +166,9 @@ def test_the_model_runs_on_the_meta_device():
     # lengths stay host integers (they shape the batch); the data is on the model's device
     batch = SpeechBatch(torch.zeros(2, 9, dtype=torch.int64, device=meta), torch.tensor([9, 7]),
                         torch.zeros(2, 3 * p, c, device=meta), torch.tensor([3, 3]),
-                        torch.zeros(2, 5 * p, c, device=meta), torch.tensor([5, 4]))
+                        torch.zeros(2, 5 * p, c, device=meta), torch.tensor([5, 4]),
+                        torch.zeros(2, 5, 2, dtype=torch.int64, device=meta))
+    assert cfg.cursor is not None  # the text cursor's tensors too
     losses = ditar_loss(model, batch)
     assert losses["loss"].device.type == "meta"
     keys = torch.zeros(cfg.lm.layers, 1, cfg.lm.kv_heads, 16, cfg.lm.head_dim, device="meta")
@@ -198,3 +200,25 @@ def test_isolated_history_tokens_depend_on_the_history_alone():
     rows = slice(1, 1 + cfg.history_frames)
     assert torch.equal(a_keys[:, :, :, rows], b_keys[:, :, :, rows])  # history keys: shareable per patch
     assert not torch.allclose(a_out[:, -4:], b_out[:, -4:])  # the patch still sees condition and time
+
+
+@torch.no_grad()
+def test_a_text_cursor_row_holds_the_tokens_around_its_position_alone():
+    from ditarkit.reference.model import DiTAR, perturb_weights
+    from ditarkit.runtime.config import preset
+
+    cfg = preset("tiny")
+    before, after = cfg.cursor.before, cfg.cursor.after
+    cursor = perturb_weights(DiTAR(cfg), seed=5).text_cursor
+    ids = torch.arange(4, 24)  # 20 tokens
+    rows = cursor(ids)
+    assert rows.shape == (20, cfg.lm.dim)
+    changed = ids.clone()
+    changed[10] = 30
+    moved = (cursor(changed) - rows).abs().amax(dim=1) > 0
+    assert torch.nonzero(moved).flatten().tolist() == list(range(10 - after, 10 + before + 1))
+    # a one-token text: every offset but the centre reads PAD
+    single = cursor(ids[:1])
+    pads = cursor.embedding.weight.view(cfg.cursor.window, cfg.text.vocab_size, -1)[:, cfg.text.PAD]
+    expected = pads.sum(0) - pads[before] + cursor.embedding.weight[before * cfg.text.vocab_size + 4]
+    torch.testing.assert_close(single[0], expected)

@@ -92,7 +92,9 @@ def test_schedule_estimate_inverts_the_forward_process():
 
 
 def test_options_are_validated_when_built():
-    for bad in (dict(temperature=1.5), dict(nfe=0), dict(cfg_scale=-1), dict(stop_threshold=1.0)):
+    bad_options = (dict(temperature=1.5), dict(nfe=0), dict(cfg_scale=-1), dict(stop_threshold=1.0),
+                   dict(cfg_scale=float("inf")), dict(max_seconds=float("inf")), dict(temperature=float("nan")))
+    for bad in bad_options:
         with pytest.raises(OptionsError):
             GenerationOptions(**bad)
 
@@ -126,3 +128,29 @@ def test_max_seconds_counts_whole_patches_without_float_truncation(tiny_model):
                                                           (4, 0.75, 0), (1, 0.5, 0)])
 def test_renoise_step_is_where_time_crosses_tau(nfe, temperature, step):
     assert renoise_step(nfe, temperature) == step
+
+
+def test_the_text_cursor_moves_by_the_advance_head_and_stops_at_the_last_character(tiny_model):
+    """Each speech input of the LM is a patch vector plus the cursor row of the character being
+    read; the cursor moves by the argmax of the previous step's advance logits, never past the
+    last character (BOS and EOS are rows 0 and T - 1)."""
+    runner = TorchRunner(tiny_model)
+    cfg = runner.config
+    text = [cfg.text.BOS, *range(10, 16), cfg.text.EOS]  # six characters
+    rows = runner.text_cursor(np.asarray(text, np.int64))
+    steps, vectors = [], []
+    lm_step, encode = runner.lm_step, runner.encode_patches
+    runner.lm_step = lambda embeds, state: steps.append((embeds, lm_step(embeds, state))) or steps[-1][1]
+    runner.encode_patches = lambda patches: vectors.append(encode(patches)) or vectors[-1]
+    options = GenerationOptions(max_seconds=3.0, stop_threshold=1 - 1e-9)
+    prompt = np.random.default_rng(0).standard_normal((12, cfg.audio.latent_dim)).astype(np.float32)
+    generate_latents(runner, text, prompt, options)
+    read = [int(np.abs(steps[0][0][-1] - runner.embed_text(np.array([cfg.text.SPEECH_START]))[0]
+                       - rows).max(-1).argmin()) - 1]
+    for (embeds, _), vector in zip(steps[1:], vectors[1:]):  # vectors[0] is the prompt's
+        read.append(int(np.abs(embeds[0] - vector[0] - rows).max(-1).argmin()) - 1)
+    expected = [0]
+    for _, step in steps[:-1]:
+        expected.append(min(expected[-1] + int(np.argmax(step.advance_logits)), 5))
+    assert len(read) == 30 and read == expected
+    assert max(read) == 5  # the random head moves fast enough to reach the end and stay there

@@ -22,6 +22,9 @@ def test_normalize_spells_numbers_and_folds_unicode():
         ("Dr. Smith & Mr. Jones -- well-known.", "doctor smith and mister jones, well known."),
         ("It's 100% done... almost!", "it's one hundred percent done, almost!"),
         ("Call 0800 555", "call zero eight zero zero five hundred and fifty five"),
+        # a symbol that normalises to nothing between two marks keeps the sentence boundary
+        ("Hello there. \U0001F600! How are you?", "hello there. how are you?"),
+        ("Wait. , then go", "wait. then go"),
     ],
 )
 def test_normalize_reads_text_as_it_is_spoken(raw, spoken):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from conftest import speech_like
 
@@ -22,6 +25,9 @@ def _batch(cfg) -> SpeechBatch:
         prompt_patches=torch.tensor([5, 3]),
         target=torch.randn(2, 7 * p, c, generator=g),
         target_patches=torch.tensor([7, 4]),
+        # texts of 10 and 7 characters (BOS and EOS aside), read at one or two per patch
+        char_windows=torch.tensor([[[min(j, 9), min(j + 1, 9)] for j in range(7)],
+                                   [[min(2 * j, 6), min(2 * j + 1, 6)] for j in range(7)]]),
     )
 
 
@@ -38,7 +44,7 @@ def test_ditar_step_lowers_the_loss_on_a_repeated_batch():
     torch.manual_seed(1)
     with torch.no_grad():
         after = ditar_loss(model, batch, LossOptions(diffusion_samples=8))
-    assert set(last) == {"loss", "diffusion", "stop"}
+    assert set(last) == {"loss", "diffusion", "stop", "advance"}
     assert after["loss"].item() < 0.9 * first["loss"].item()
 
 
@@ -77,9 +83,8 @@ def test_alignment_loss_is_low_on_the_spoken_characters_and_counts_mass_off_the_
 
 def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():
     torch.manual_seed(0)
-    model = DiTAR(preset("tiny"))
+    model = DiTAR(dataclasses.replace(preset("tiny"), cursor=None))
     batch = _batch(model.config)
-    batch.char_windows = torch.tensor([[[min(j, 9), min(j + 1, 9)] for j in range(7)]] * 2)
     options = LossOptions(aligned_heads=((0, 0), (1, 1)), alignment_weight=0.5)
     losses = ditar_loss(model, batch, options)
     # a random LM spreads attention over ~20 positions: -log of a 3-character window's mass
@@ -87,6 +92,29 @@ def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():
     assert torch.isclose(losses["loss"], losses["diffusion"] + losses["stop"] + 0.5 * losses["alignment"])
     batch.char_windows = None
     assert "alignment" not in ditar_loss(model, batch, options)
+
+
+def test_a_cursor_model_adds_the_advance_loss_and_needs_aligned_batches():
+    torch.manual_seed(0)
+    model = DiTAR(preset("tiny"))
+    batch = _batch(model.config)
+    losses = ditar_loss(model, batch, LossOptions(advance_weight=0.25))
+    classes = model.config.cursor.max_advance + 1
+    # an untrained head is near uniform over the advance counts
+    assert abs(losses["advance"].item() - torch.log(torch.tensor(float(classes))).item()) < 0.5
+    assert torch.isclose(losses["loss"], losses["diffusion"] + losses["stop"] + 0.25 * losses["advance"])
+    batch.char_windows = None
+    with pytest.raises(ValueError, match="aligned utterances"):
+        ditar_loss(model, batch)
+
+
+def test_the_cursor_path_follows_each_patch_s_first_character():
+    from ditarkit.reference.losses import cursor_path
+
+    windows = torch.tensor([[0, 0], [0, 2], [3, 4], [4, 4], [12, 13]])  # a long jump at the end
+    cursor, advance = cursor_path(windows, chars=15, max_advance=7)
+    assert cursor.tolist() == [0, 0, 3, 4, 12, 14]  # then the last character, where the stop is read
+    assert advance.tolist() == [0, 3, 1, 7, 2]  # 8 is clipped to the head's largest count
 
 
 def test_history_noise_is_drawn_at_its_rate_and_mixes_variance_preservingly():

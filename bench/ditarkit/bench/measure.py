@@ -30,6 +30,7 @@ from ditarkit.runtime.manifest import (
     LOCDIT,
     LOCDIT_SAMPLER,
     PATCH_ENCODER,
+    TEXT_CURSOR,
     TEXT_EMBEDDING,
     VAE_DECODER,
     VAE_ENCODER,
@@ -39,6 +40,7 @@ from ditarkit.runtime.sampler import exact_length
 # Runner method -> the graph it calls, once per call.
 STAGES = {
     "embed_text": TEXT_EMBEDDING,
+    "text_cursor": TEXT_CURSOR,  # models with a text cursor: once per sentence
     "encode_patches": PATCH_ENCODER,
     "lm_step": LM,
     "velocity": LOCDIT,  # per solver step, where the NFE differs from the model's

@@ -31,6 +31,7 @@ from ditarkit.runtime.manifest import (
     LOCDIT,
     LOCDIT_SAMPLER,
     PATCH_ENCODER,
+    TEXT_CURSOR,
     TEXT_EMBEDDING,
     VAE_DECODER,
     VAE_ENCODER,
@@ -45,6 +46,7 @@ QUANTIZED_GRAPHS = (LM, LOCDIT, LOCDIT_SAMPLER, PATCH_ENCODER, VAE_DECODER)  # r
 KEPT_GRAPHS = {  # graph -> why it stays fp32
     VAE_ENCODER: "runs once per reference voice, off the per-patch path",
     TEXT_EMBEDDING: "a table lookup with no multiplication to quantize",
+    TEXT_CURSOR: "table lookups and a sum, once per sentence",
 }
 # Not Conv: ONNX Runtime's CPU kernels do not fuse the VAE decoder's Q/DQ (depthwise)
 # convolutions and dequantize their weights on every call; fp32 there is faster and, on the
@@ -57,6 +59,7 @@ CLIPPED_GRAPHS = (LOCDIT, LOCDIT_SAMPLER)
 KEEP_SCOPES = {  # module scope in node names -> why its weight layers stay fp32
     "time_embed": "the diffusion time embedding: every solver step depends on its precision",
     "stop_head": "one output that decides where speech ends",
+    "advance_head": "the text cursor's moves: an argmax that a rounding error can turn",
     # LocDiT's per-step projections in and out: ONNX Runtime cannot fuse their Q/DQ Gemm and
     # would dequantize the weight at every solver step, slower than fp32. (Its projections of
     # the LM output and the history run once per patch: quantized.)
@@ -184,12 +187,13 @@ def write_quantized(bundle: str | Path, out: Path, recording: Recording, target:
         else:
             shutil.copyfile(bundle / spec.file, dst)
         graphs[name] = replace(spec, sha256=file_sha256(dst))
-    manifest = replace(source, precision="int8", graphs=graphs, quantization=_description(chosen, recording, report))
+    description = _description(chosen, recording, report, kept=[n for n in source.graphs if n not in QUANTIZED_GRAPHS])
+    manifest = replace(source, precision="int8", graphs=graphs, quantization=description)
     manifest.save(out)
     return manifest
 
 
-def _description(target: Target, recording: Recording, graphs: dict[str, Any]) -> dict[str, Any]:
+def _description(target: Target, recording: Recording, graphs: dict[str, Any], kept: list[str]) -> dict[str, Any]:
     """What the manifest records about the quantization: enough to redo or audit it."""
     return {
         "scheme": "int8",
@@ -207,7 +211,7 @@ def _description(target: Target, recording: Recording, graphs: dict[str, Any]) -
                         "references": [Path(r).name for r in recording.references]},
         "ops": list(QUANTIZED_OPS),
         "fp32_scopes": KEEP_SCOPES,
-        "fp32_graphs": KEPT_GRAPHS,
+        "fp32_graphs": {name: KEPT_GRAPHS[name] for name in kept},
         "graphs": graphs,
     }
 

@@ -90,14 +90,15 @@ def to_mixed_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _detach_outputs(graph: onnx.ModelProto, kept: set[str]) -> None:
-    """Put an Identity between each graph output and a kept-fp32 node producing it: the
+    """Put an Identity between each graph output and a kept-fp32 node (by name or op type)
+    producing it: the
     converter would otherwise insert an fp16 round trip there that it then fails to remove
     ("The downstream node of the second cast node should be graph output"). The output is
     rounded to fp16 once, as every other fp16 graph output is."""
     nodes = graph.graph.node
     for output in graph.graph.output:
         index = next((i for i, n in enumerate(nodes) if output.name in n.output), None)
-        if index is None or nodes[index].name not in kept:
+        if index is None or (nodes[index].name not in kept and nodes[index].op_type not in FP32_OP_TYPES):
             continue
         inner = f"{output.name}_fp32"
         producer = nodes[index]

@@ -3,7 +3,9 @@
 DiTAR: velocity MSE on the target patch positions (LocDiT conditioned on the LM output,
 which is dropped to zeros with probability `cond_dropout` for classifier-free guidance),
 plus BCE on the stop head, plus (where the corpus says which characters each patch speaks)
-an attention loss on a few LM heads. VAE: multi-resolution STFT reconstruction plus a small KL.
+an attention loss on a few LM heads and, for a model with a text cursor, cross-entropy on its
+advance head (the cursor itself is teacher-forced from the same alignment). VAE:
+multi-resolution STFT reconstruction plus a small KL.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ class LossOptions:
     # this probability a patch's history is mixed with noise at a uniform random level, so
     # the condition carries the content.
     history_noise: float = 0.0
+    advance_weight: float = 0.5  # the text cursor's advance head (models with a cursor only)
 
     def __post_init__(self) -> None:
-        if self.alignment_weight < 0 or not 0 <= self.history_noise <= 1 or self.diffusion_samples < 1:
+        weights = (self.alignment_weight, self.advance_weight)
+        if min(weights) < 0 or not 0 <= self.history_noise <= 1 or self.diffusion_samples < 1:
             raise ValueError(f"invalid loss options {self}")
 
 
@@ -68,6 +72,8 @@ class TeacherForced:
     stop_loss: Tensor  # ()
     probs: list[Tensor]  # per LM layer (B, H, S, S), when recorded
     rows: list[tuple[int, int, int]]  # (batch row, first speech position, target patches) per utterance
+    advance_logits: Tensor | None = None  # (N, max_advance + 1) per target patch, with a cursor
+    advance: Tensor | None = None  # (N,) int64: characters the next patch moves on, clipped
 
 
 @dataclass
@@ -98,12 +104,23 @@ class DiffusionNoise:
         )
 
 
+def cursor_path(windows: Tensor, chars: int, max_advance: int) -> tuple[Tensor, Tensor]:
+    """From the characters each of n patches speaks, (n, 2): the cursor at each of the n + 1
+    speech positions (the first character of each patch, then the last character of the text
+    at the position that predicts the stop) and the advance after each patch, clipped."""
+    cursor = torch.cat([windows[:, 0], windows.new_full((1,), chars - 1)]).clamp(0, chars - 1)
+    return cursor, (cursor[1:] - cursor[:-1]).clamp(0, max_advance)
+
+
 def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = frozenset()) -> TeacherForced:
     """The LM over [BOS text EOS, prompt patches, SPEECH_START, target patches] of every
-    utterance; attention maps of `record_layers` kept."""
+    utterance; attention maps of `record_layers` kept. With a text cursor, each speech
+    position's input also gets the cursor vector of the character its patch starts on."""
     cfg = model.config
     p, h = cfg.patch_size, cfg.history_patches
-    sequences, targets, histories, hidden_index, stop_labels = [], [], [], [], []
+    if model.text_cursor is not None and batch.char_windows is None:
+        raise ValueError("a model with a text cursor trains on aligned utterances only (char_windows)")
+    sequences, targets, histories, hidden_index, stop_labels, advances = [], [], [], [], [], []
     for b in range(batch.text_ids.shape[0]):
         n_prompt, n_target = int(batch.prompt_patches[b]), int(batch.target_patches[b])
         patches = torch.cat([
@@ -111,9 +128,15 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
             batch.target[b, : n_target * p].reshape(n_target, p, -1),
         ])  # (Np + Nt, P, C)
         vectors = model.aggregator(patches)  # (Np + Nt, D)
-        text = model.text_embedding(batch.text_ids[b, : int(batch.text_lengths[b])])
+        ids = batch.text_ids[b, : int(batch.text_lengths[b])]
+        text = model.text_embedding(ids)
         start = model.text_embedding.weight[cfg.text.SPEECH_START][None]
-        sequences.append(torch.cat([text, vectors[:n_prompt], start, vectors[n_prompt:]]))
+        speech = torch.cat([start, vectors[n_prompt:]])  # (Nt + 1, D)
+        if model.text_cursor is not None:
+            cursor, advance = cursor_path(batch.char_windows[b, :n_target], len(ids) - 2, cfg.cursor.max_advance)
+            speech = speech + model.text_cursor(ids)[cursor + 1]  # text position = character + 1 (BOS)
+            advances.append(advance)
+        sequences.append(torch.cat([text, vectors[:n_prompt], speech]))
         first = text.shape[0] + n_prompt  # the speech-start position predicts target 0
         hidden_index += [(b, first + j) for j in range(n_target)]
         targets.append(patches[n_prompt:])
@@ -133,17 +156,21 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
         for attn in attentions:
             attn.record_probs, attn.probs = False, None
     rows, cols = zip(*hidden_index)
+    cond = hidden[list(rows), list(cols)]
     stop = torch.stack([
         F.binary_cross_entropy_with_logits(stop_logits[b, first : first + len(lab)], lab)
         for b, first, lab in stop_labels
     ]).mean()
+    cursor = model.text_cursor is not None
     return TeacherForced(
-        cond=hidden[list(rows), list(cols)],
+        cond=cond,
         x0=torch.cat(targets),
         history=torch.stack(histories),
         stop_loss=stop,
         probs=probs,
         rows=[(b, first, len(lab) - 1) for b, first, lab in stop_labels],
+        advance_logits=model.lm.advance_head(cond) if cursor else None,
+        advance=torch.cat(advances) if cursor else None,
     )
 
 
@@ -187,6 +214,9 @@ def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOpti
     diffusion = velocity_loss(model, x0, cond, history, noise)
     losses = {"loss": diffusion + options.stop_weight * forced.stop_loss, "diffusion": diffusion,
               "stop": forced.stop_loss}
+    if forced.advance is not None:
+        losses["advance"] = F.cross_entropy(forced.advance_logits, forced.advance)
+        losses["loss"] = losses["loss"] + options.advance_weight * losses["advance"]
     if supervise:
         losses["alignment"] = alignment_loss(forced.probs, options.aligned_heads, forced.rows, batch.char_windows)
         losses["loss"] = losses["loss"] + options.alignment_weight * losses["alignment"]

@@ -193,13 +193,15 @@ def isolated_history_mask(history: int, patch: int, device: torch.device) -> Ten
 # --------------------------------------------------------------------------------------
 class CausalLM(nn.Module):
     """Sequence: text tokens, prompt patch vectors, speech-start, generated patch vectors.
-    The output at each position is h_i, the condition for the next patch."""
+    The output at each position is h_i, the condition for the next patch. With a text cursor
+    the advance head reads h_i too: how many characters patch i + 1 starts after patch i."""
 
     def __init__(self, cfg: DiTARConfig) -> None:
         super().__init__()
         self.cfg = cfg.lm
         self.transformer = Transformer(cfg.lm)
         self.stop_head = nn.Linear(cfg.lm.dim, 1)
+        self.advance_head = nn.Linear(cfg.lm.dim, cfg.cursor.max_advance + 1) if cfg.cursor else None
 
     def forward(
         self,
@@ -216,6 +218,28 @@ class CausalLM(nn.Module):
         hidden, keys, values = self.transformer(embeds, positions, mask, past_keys, past_values)
         stop_logits = self.stop_head(hidden).squeeze(-1)  # (B, S)
         return hidden, stop_logits, keys, values  # keys, values: (L, B, Hkv, S, hd), new only
+
+
+class TextCursor(nn.Module):
+    """For each position i of a text's ids, the vector the LM input gets while character i is
+    being spoken: the tokens from i - before to i + after, each offset with its own embedding
+    table, summed (PAD beyond the text). One table of window x vocab rows, so the graph is one
+    Gather and one ReduceSum."""
+
+    def __init__(self, cfg: DiTARConfig) -> None:
+        super().__init__()
+        self.before, self.window, self.vocab = cfg.cursor.before, cfg.cursor.window, cfg.text.vocab_size
+        self.pad = cfg.text.PAD
+        self.embedding = nn.Embedding(self.window * self.vocab, cfg.lm.dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (T,) -> (T, D)
+        t, device = ids.shape[0], ids.device
+        after = self.window - 1 - self.before
+        padded = F.pad(ids, (self.before, after), value=self.pad)  # (T + window - 1,)
+        offsets = torch.arange(self.window, device=device)
+        windows = padded[torch.arange(t, device=device)[:, None] + offsets[None, :]]  # (T, window)
+        return self.embedding(windows + offsets * self.vocab).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -415,6 +439,7 @@ class DiTAR(nn.Module):
         self.config = config
         self.vae = SpeechVAE(config)
         self.text_embedding = nn.Embedding(config.text.vocab_size, config.lm.dim)
+        self.text_cursor = TextCursor(config) if config.cursor else None
         self.aggregator = PatchAggregator(config)
         self.lm = CausalLM(config)
         self.locdit = LocDiT(config)

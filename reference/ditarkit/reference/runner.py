@@ -19,6 +19,7 @@ from ditarkit.runtime.manifest import (
     LOCDIT,
     LOCDIT_SAMPLER,
     PATCH_ENCODER,
+    TEXT_CURSOR,
     TEXT_EMBEDDING,
     VAE_DECODER,
     VAE_ENCODER,
@@ -54,6 +55,15 @@ class TextEmbeddingGraph(nn.Module):
         return self.embedding(ids)
 
 
+class TextCursorGraph(nn.Module):
+    def __init__(self, model: DiTAR) -> None:
+        super().__init__()
+        self.cursor = model.text_cursor
+
+    def forward(self, ids: Tensor) -> Tensor:  # (T,) -> (T, D)
+        return self.cursor(ids)
+
+
 class PatchEncoderGraph(nn.Module):
     def __init__(self, model: DiTAR) -> None:
         super().__init__()
@@ -72,7 +82,12 @@ class LMGraph(nn.Module):
 
     def forward(self, embeds: Tensor, past_keys: Tensor, past_values: Tensor, position: Tensor):
         hidden, stop, keys, values = self.lm(embeds, past_keys, past_values, position)
-        return hidden[:, -1], stop[:, -1], keys, values  # (1, D), (1,), (L, 1, Hkv, S, hd) x 2
+        outputs = (hidden[:, -1], stop[:, -1], keys, values)  # (1, D), (1,), (L, 1, Hkv, S, hd) x 2
+        if self.lm.advance_head is None:
+            return outputs
+        # Like the stop head, applied before the last position is taken: a head reading the
+        # `hidden` graph output itself would meet it after the fp16 export's output cast.
+        return (*outputs, self.lm.advance_head(hidden)[:, -1])  # (1, max_advance + 1)
 
 
 class LocDiTGraph(nn.Module):
@@ -131,6 +146,7 @@ GRAPH_MODULES: dict[str, type[nn.Module]] = {
     LM: LMGraph,
     LOCDIT: LocDiTGraph,
     LOCDIT_SAMPLER: LocDiTSamplerGraph,
+    TEXT_CURSOR: TextCursorGraph,
 }
 
 
@@ -141,7 +157,7 @@ class TorchRunner(GraphRunner):
         self.model = model.eval()
         self.config = model.config
         self.specs = graph_signatures(model.config)
-        self.graphs = {name: cls(model).eval() for name, cls in GRAPH_MODULES.items()}
+        self.graphs = {name: GRAPH_MODULES[name](model).eval() for name in self.specs}
 
     @torch.inference_mode()
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -112,6 +112,28 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class CursorConfig:
+    """An explicit reading position: the LM input of every speech position also carries the
+    text around the character being spoken (`before` tokens before it, `after` after), and an
+    advance head on each LM output says how many characters the next patch moves on (0 to
+    `max_advance`). The LM no longer has to find its place in the text by attention alone,
+    which a small model trained on little data does not learn (FIELD-NOTES); the runtime
+    keeps the cursor, as ELLA-V and RALL-E keep the phoneme for decoder-only TTS."""
+
+    before: int = 2
+    after: int = 5
+    max_advance: int = 7
+
+    @property
+    def window(self) -> int:
+        return self.before + 1 + self.after
+
+    def validate(self) -> None:
+        if self.before < 0 or self.after < 0 or self.max_advance < 1:
+            raise ConfigError("cursor: before and after must be >= 0 and max_advance >= 1")
+
+
+@dataclass(frozen=True)
 class DiTARConfig:
     name: str = "custom"
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -126,6 +148,7 @@ class DiTARConfig:
     # both guidance branches and every solver step. False (all tokens see all) in checkpoints
     # made before the choice existed.
     isolated_history: bool = False
+    cursor: CursorConfig | None = None  # None: the text is found by attention alone (the paper's LM)
     text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     stop_threshold: float = 0.5  # stop when sigmoid(stop logit) exceeds this
@@ -177,6 +200,8 @@ class DiTARConfig:
             raise ConfigError("diffusion.temperature must lie in [0, 1]")
         if self.diffusion.nfe < 1:
             raise ConfigError("diffusion.nfe must be at least 1")
+        if self.cursor is not None:
+            self.cursor.validate()
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -195,12 +220,13 @@ class DiTARConfig:
             "locdit": TransformerConfig,
             "text": TextConfig,
             "diffusion": DiffusionConfig,
+            "cursor": CursorConfig,
         }
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown config fields: {sorted(unknown)}")
-        kwargs = {k: (nested[k](**v) if k in nested else v) for k, v in data.items()}
+        kwargs = {k: (nested[k](**v) if k in nested and v is not None else v) for k, v in data.items()}
         return cls(**kwargs)
 
     @classmethod
@@ -223,6 +249,7 @@ def _tiny() -> DiTARConfig:
         locdit=TransformerConfig(dim=48, layers=2, heads=4, kv_heads=4),
         diffusion=DiffusionConfig(time_embed_dim=32),
         max_seconds=10.0,
+        cursor=CursorConfig(),  # so every test of the graphs and the loop runs the cursor too
     )
 
 
@@ -236,6 +263,7 @@ def _small() -> DiTARConfig:
         # LocDiT runs nfe x 2 branches per patch: at 192 wide it keeps a 2-core CPU real time.
         locdit=TransformerConfig(dim=192, layers=4, heads=6, kv_heads=6),
         isolated_history=True,
+        cursor=CursorConfig(),
     )
 
 

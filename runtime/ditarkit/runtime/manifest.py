@@ -32,6 +32,7 @@ PATCH_ENCODER = "patch_encoder"
 LM = "lm"
 LOCDIT = "locdit"
 LOCDIT_SAMPLER = "locdit_sampler"  # the whole guided NFE loop of one patch, unrolled at the model's NFE
+TEXT_CURSOR = "text_cursor"  # models with a text cursor only (config.cursor)
 GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCDIT, LOCDIT_SAMPLER)
 
 # The LM step's tensors: the runtimes bind its KV cache by these names.
@@ -43,6 +44,7 @@ LM_HIDDEN = "hidden"
 LM_STOP_LOGIT = "stop_logit"
 LM_NEW_KEYS = "new_keys"
 LM_NEW_VALUES = "new_values"
+LM_ADVANCE_LOGITS = "advance_logits"  # models with a text cursor only
 
 SAMPLER_RENOISE_STEP = "renoise_step"
 KV_CACHE_NOTE = "outputs hold only the new positions; the runtime writes them at `position`"
@@ -121,8 +123,9 @@ class GraphSpec:
 
 
 def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
-    """Every graph's I/O. Floating I/O is float32 at every precision (an fp16 bundle casts
-    inside its graphs), so a runtime feeds the same arrays to any bundle."""
+    """Every graph's I/O: the `GRAPH_NAMES` every model has, and the text cursor's graph and
+    LM output where the config has one. Floating I/O is float32 at every precision (an fp16
+    bundle casts inside its graphs), so a runtime feeds the same arrays to any bundle."""
     f32, i64 = "float32", "int64"
     c, p, hop = cfg.audio.latent_dim, cfg.patch_size, cfg.audio.hop_length
     lm = cfg.lm
@@ -133,7 +136,8 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
     prompt_frames = cfg.max_prompt_patches * p
     max_positions = cfg.max_prefix + cfg.max_patches
     spec = GraphSpec
-    return {
+    advance = (TensorSpec(LM_ADVANCE_LOGITS, f32, (1, cfg.cursor.max_advance + 1)),) if cfg.cursor else ()
+    graphs = {
         VAE_ENCODER: spec(
             VAE_ENCODER,
             (TensorSpec("audio", f32, (1, "samples")),),  # samples = frames * hop
@@ -171,6 +175,7 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
                 TensorSpec(LM_STOP_LOGIT, f32, (1,)),
                 TensorSpec(LM_NEW_KEYS, f32, new_kv),  # only the new slots: no input/output aliasing
                 TensorSpec(LM_NEW_VALUES, f32, new_kv),
+                *advance,  # at the last new position, like the stop logit
             ),
             {"steps": (1, 1, cfg.max_prefix), "capacity": (1, max_positions // 2, max_positions)},
         ),
@@ -199,6 +204,14 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
             {},
         ),
     }
+    if cfg.cursor:
+        graphs[TEXT_CURSOR] = spec(
+            TEXT_CURSOR,
+            (TensorSpec("ids", i64, ("tokens",)),),  # the whole text, BOS and EOS included
+            (TensorSpec("cursor", f32, ("tokens", lm.dim)),),  # row i: added while text token i is spoken
+            {"tokens": (1, 64, cfg.text.max_tokens)},
+        )
+    return graphs
 
 
 def signature_digest(config: DiTARConfig, graph: GraphSpec) -> str:
@@ -298,7 +311,7 @@ def load_manifest(bundle: str | Path, verify_files: bool = True) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{path} is not a valid manifest: {err}") from None
-    missing = [n for n in GRAPH_NAMES if n not in manifest.graphs]
+    missing = [n for n in graph_signatures(manifest.config) if n not in manifest.graphs]
     if missing:
         raise BundleError(f"{path} lacks graphs {missing}")
     check_derived(data, manifest, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step, sample_patch
 from ditarkit.runtime.manifest import (
     LM,
+    LM_ADVANCE_LOGITS,
     LM_EMBEDS,
     LM_PAST_KEYS,
     LM_PAST_VALUES,
@@ -26,6 +27,7 @@ from ditarkit.runtime.manifest import (
     LOCDIT_SAMPLER,
     PATCH_ENCODER,
     SAMPLER_RENOISE_STEP,
+    TEXT_CURSOR,
     TEXT_EMBEDDING,
     VAE_DECODER,
     VAE_ENCODER,
@@ -37,6 +39,14 @@ class RunnerClosed(RuntimeError):
     """A closed runner (or the Synthesizer that owned it) was asked to run a graph."""
 
 
+class LMStep(NamedTuple):
+    """The LM's outputs at the last new position."""
+
+    hidden: np.ndarray  # (D,) the condition of the next patch
+    stop_logit: float
+    advance_logits: np.ndarray | None = None  # (max_advance + 1,) with a text cursor
+
+
 class Runner(Protocol):
     """What the sampler needs. Arrays are numpy float32 and batch-free unless stated."""
 
@@ -44,12 +54,14 @@ class Runner(Protocol):
 
     def embed_text(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D)
 
+    def text_cursor(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D), models with a cursor
+
     def encode_patches(self, patches: np.ndarray) -> np.ndarray: ...  # (N, P, C) -> (N, D)
 
     def new_lm_state(self, capacity: int) -> Any: ...  # room for `capacity` positions
 
-    def lm_step(self, embeds: np.ndarray, state: Any) -> tuple[np.ndarray, float]:
-        """(S, D) new positions -> LM output (D,) and stop logit, both at the last one."""
+    def lm_step(self, embeds: np.ndarray, state: Any) -> LMStep:
+        """(S, D) new positions -> the LM's outputs at the last one."""
         ...
 
     def velocity(
@@ -102,6 +114,13 @@ def room_for_background_decoding(threads: int) -> bool:
     return 2 * threads <= usable_cores()
 
 
+def lm_outputs(spec: GraphSpec, hidden: np.ndarray, stop: np.ndarray, advance: np.ndarray | None) -> LMStep:
+    """The LM graph's host outputs as an `LMStep`; the advance logits where the graph has them."""
+    if (advance is None) == (LM_ADVANCE_LOGITS in spec.output_names):
+        raise RuntimeError(f"the {LM} graph's outputs do not match its manifest ({spec.output_names})")
+    return LMStep(hidden[0], float(stop[0]), None if advance is None else advance[0])
+
+
 class GraphRunner:
     """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
 
@@ -129,19 +148,23 @@ class GraphRunner:
     def embed_text(self, ids: np.ndarray) -> np.ndarray:
         return self._call(TEXT_EMBEDDING, ids=ids)[0]
 
+    def text_cursor(self, ids: np.ndarray) -> np.ndarray:
+        return self._call(TEXT_CURSOR, ids=ids)[0]
+
     def encode_patches(self, patches: np.ndarray) -> np.ndarray:
         return self._call(PATCH_ENCODER, patches=np.ascontiguousarray(patches, np.float32))[0]
 
     def new_lm_state(self, capacity: int) -> KVCache:
         return KVCache.empty(self.config, capacity)
 
-    def lm_step(self, embeds: np.ndarray, state: KVCache) -> tuple[np.ndarray, float]:
-        hidden, stop, new_keys, new_values = self._call(LM, **{
+    def lm_step(self, embeds: np.ndarray, state: KVCache) -> LMStep:
+        outputs = self._call(LM, **{
             LM_EMBEDS: embeds[None].astype(np.float32, copy=False), LM_PAST_KEYS: state.keys,
             LM_PAST_VALUES: state.values, LM_POSITION: np.array([state.position], np.int64),
         })
+        hidden, stop, new_keys, new_values = outputs[:4]
         state.append(new_keys, new_values)
-        return hidden[0], float(stop[0])
+        return lm_outputs(self.specs[LM], hidden, stop, outputs[4] if len(outputs) > 4 else None)
 
     def velocity(self, x, t, cond, history) -> np.ndarray:
         return self._call(LOCDIT, x=x, t=t, cond=cond.astype(np.float32, copy=False), history=history)[0]

@@ -1,5 +1,9 @@
 """The patch loop: one LM step and one guided LocDiT solve per patch, until stop.
 
+With a text cursor (config.cursor) the loop also keeps the reading position: each LM input
+of the speech gets the cursor vector of the character being spoken, and after each patch
+the cursor moves on by the advance head's most likely count, never past the last character.
+
 The loop sees a backend only through `Runner`, so the PyTorch reference, ONNX Runtime and
 TensorRT all run this same code: what differs between them is arithmetic, never logic.
 """
@@ -43,6 +47,8 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         checks = [
+            (all(math.isfinite(v) for v in (self.cfg_scale, self.temperature, self.max_seconds, self.stop_threshold)),
+             "options must be finite numbers"),
             (self.cfg_scale >= 0, "cfg_scale must be >= 0"),
             (0.0 <= self.temperature <= 1.0, "temperature must lie in [0, 1]"),
             (1 <= self.nfe <= 1000, "nfe must lie in [1, 1000]"),
@@ -102,29 +108,52 @@ def generate_patches(
     options: GenerationOptions,
     noise: NoiseFn | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield generated patches (P, C) one at a time, as soon as each is drawn."""
+    """Yield generated patches (P, C) one at a time, as soon as each is drawn. `text_ids`
+    are the frontend's: BOS, the characters, EOS."""
     cfg = runner.config
     noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
     prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
     max_patches = max(1, min(cfg.max_patches, patches_in(options.max_seconds, cfg.patch_seconds)))
+    ids = np.asarray(text_ids, dtype=np.int64)
+    cursor = Cursor(runner.text_cursor(ids), len(ids) - 2) if cfg.cursor else None
 
+    start = runner.embed_text(np.asarray([cfg.text.SPEECH_START], dtype=np.int64))  # (1, D)
     prefix = np.concatenate([
-        runner.embed_text(np.asarray(text_ids, dtype=np.int64)),  # (T, D)
+        runner.embed_text(ids),  # (T, D)
         runner.encode_patches(prompt),  # (Np, D)
-        runner.embed_text(np.asarray([cfg.text.SPEECH_START], dtype=np.int64)),  # (1, D)
+        start if cursor is None else start + cursor.vector(),
     ])
     state = runner.new_lm_state(prefix.shape[0] + max_patches)
-    hidden, stop_logit = runner.lm_step(prefix, state)
+    step = runner.lm_step(prefix, state)
     history = prompt[-cfg.history_patches :].reshape(cfg.history_frames, -1)  # (H*P, C)
     for index in range(max_patches):
-        patch = runner.draw_patch(hidden, history, noise(index), options.nfe, options.cfg_scale, options.temperature)
+        patch = runner.draw_patch(step.hidden, history, noise(index), options.nfe, options.cfg_scale,
+                                  options.temperature)
         yield patch
         if index + 1 == max_patches:
             return
         history = np.concatenate([history[cfg.patch_size :], patch])
-        hidden, stop_logit = runner.lm_step(runner.encode_patches(patch[None]), state)
-        if _sigmoid(stop_logit) > options.stop_threshold:  # speech ends after this patch
+        embeds = runner.encode_patches(patch[None])  # (1, D)
+        if cursor is not None:
+            cursor.advance(step.advance_logits)
+            embeds = embeds + cursor.vector()
+        step = runner.lm_step(embeds, state)
+        if _sigmoid(step.stop_logit) > options.stop_threshold:  # speech ends after this patch
             return
+
+
+class Cursor:
+    """The character being spoken, over the text cursor's vectors of one text."""
+
+    def __init__(self, vectors: np.ndarray, chars: int) -> None:
+        self.vectors, self.last = vectors, max(chars - 1, 0)  # (T, D): row 0 is BOS
+        self.char = 0
+
+    def vector(self) -> np.ndarray:  # (1, D)
+        return self.vectors[self.char + 1][None]
+
+    def advance(self, logits: np.ndarray) -> None:
+        self.char = min(self.char + int(np.argmax(logits)), self.last)
 
 
 def generate_latents(

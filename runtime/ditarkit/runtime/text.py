@@ -117,8 +117,15 @@ def normalize(text: str) -> str:
     text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)
     text = re.sub(r"\s+", " ", text).strip()
     text = re.sub(r"\s+([.,?!;:])", r"\1", text)  # punctuation sticks to its word, as it is spoken
-    text = re.sub(r"[.,?!;:]{2,}", lambda m: m.group(0)[-1], text)  # ", ." -> "."
+    text = re.sub(r"[.,?!;:]{2,}", _strongest_mark, text)  # ", ." -> ".", "there. (emoji)!" -> "there."
     return text.strip(" ,")
+
+
+def _strongest_mark(run: re.Match) -> str:
+    """One mark for a run of them: its first sentence end, else its last pause, so a sentence
+    boundary survives a symbol that normalised to nothing between two marks."""
+    marks = run.group(0)
+    return next((c for c in marks if c in ".?!"), marks[-1])
 
 
 class TextFrontend:

@@ -8,11 +8,11 @@ from pathlib import Path
 from ditarkit.runtime.fileio import atomic_write
 
 PANELS = (
-    ("losses", ("diffusion", "stop", "alignment", "probe_diffusion")),
+    ("losses", ("diffusion", "stop", "alignment", "advance", "probe_diffusion")),
     ("LM is used by LocDiT (loss gap, %)", ("gap_swapped_text_pct", "gap_zeroed_lm_pct")),
-    ("aligned heads: characters off (probe)", ("aligned_error_r0.7", "aligned_error_r1", "aligned_error_r1.5",
-                                               "best_head_error_r0.7", "best_head_error_r1",
-                                               "best_head_error_r1.5")),
+    ("aligned heads and free cursor: characters off (probe)", (
+        "aligned_error_r0.7", "aligned_error_r1", "aligned_error_r1.5", "best_head_error_r0.7", "best_head_error_r1",
+        "best_head_error_r1.5", "cursor_error_r0.7", "cursor_error_r1", "cursor_error_r1.5")),
     ("free-running WER (%)", ("wer_pct",)),
 )
 

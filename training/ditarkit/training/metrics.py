@@ -10,7 +10,10 @@ measurements differ only by the model:
   left out: BOS is an attention sink that would make every head look like a reader);
 - aligned-head error: how many characters a head's most-attended character lies outside the
   characters actually spoken in the patch, per speaking rate. A head that keeps a fixed pace
-  drifts at 0.7 and 1.5 however well it fits 1.0.
+  drifts at 0.7 and 1.5 however well it fits 1.0;
+- with a text cursor: the advance head's accuracy (teacher-forced), and the cursor error when
+  the cursor follows the model's own advances over the real audio, patch by patch as the
+  runtime moves it: a cursor that keeps a fixed pace drifts at 0.7 and 1.5 the same way.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ def build_probe(probe: list[Utterance], batches: DiTARBatches, device: str) -> P
     # swap texts between different sentences of the same rate group: shift by one sentence
     order = sorted(range(len(probe)), key=lambda i: (probe[i].rate, probe[i].text))
     shifted = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
-    swapped = collate(batches.cfg, [texts[shifted[i]] for i in range(len(texts))], prompts, targets,
-                      [None] * len(texts), device)
+    # the windows, where the model has a cursor, are the audio's, clipped to the other text
+    swapped_texts = [texts[shifted[i]] for i in range(len(texts))]
+    swapped_windows = [np.minimum(w, len(t) - 3) for w, t in zip(windows, swapped_texts)]
+    swapped = collate(batches.cfg, swapped_texts, prompts, targets, swapped_windows, device)
     return Probe(batch, swapped, [u.rate for u in probe], [len(t) - 2 for t in texts])
 
 
@@ -98,6 +103,8 @@ def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int
         out = {"probe_diffusion": right, "gap_swapped_text_pct": 100 * (swapped / right - 1),
                "gap_zeroed_lm_pct": 100 * (zeroed / right - 1)}
         out.update(_head_metrics(forced.probs, forced.rows, probe, aligned_heads))
+        if forced.advance is not None:
+            out.update(_cursor_metrics(model, probe, forced.advance_logits.argmax(-1) == forced.advance))
     finally:
         model.train(was_training)
     return out
@@ -129,3 +136,49 @@ def _head_metrics(probs: list[Tensor], rows: list[tuple[int, int, int]], probe: 
     for layer, head in aligned_heads:
         out[f"mass_{layer}:{head}"] = float(mass[layer, head])
     return out
+
+
+def _cursor_metrics(model: DiTAR, probe: Probe, correct: Tensor) -> dict[str, float]:
+    """Advance accuracy (teacher-forced) and the free cursor's error in characters, per rate."""
+    accuracy: dict[float, list[float]] = defaultdict(list)
+    errors: dict[float, list[float]] = defaultdict(list)
+    windows = probe.batch.char_windows.cpu().numpy()
+    offset = 0
+    for b, rate in enumerate(probe.rates):
+        n = int(probe.batch.target_patches[b])
+        accuracy[rate].append(float(correct[offset : offset + n].float().mean()))
+        offset += n
+        cursor = follow_cursor(model, probe.batch, b)
+        lo, hi = windows[b, :n, 0], windows[b, :n, 1]
+        errors[rate].append(float(np.mean(np.maximum(lo - cursor, 0) + np.maximum(cursor - hi, 0))))
+    out = {f"advance_acc_r{r:g}": float(np.mean(a)) for r, a in sorted(accuracy.items())}
+    out.update({f"cursor_error_r{r:g}": float(np.mean(e)) for r, e in sorted(errors.items())})
+    return out
+
+
+def follow_cursor(model: DiTAR, batch: SpeechBatch, b: int) -> np.ndarray:
+    """(n,) the character the cursor is on at each target patch of utterance b, when it moves
+    by the model's own advances (argmax, as the runtime moves it) while the LM reads the real
+    audio: one LM step per patch through the KV cache."""
+    cfg = model.config
+    p, n = cfg.patch_size, int(batch.target_patches[b])
+    ids = batch.text_ids[b, : int(batch.text_lengths[b])]
+    chars = len(ids) - 2
+    rows = model.text_cursor(ids)  # (T, D)
+    n_prompt = int(batch.prompt_patches[b])
+    prompt = model.aggregator(batch.prompt[b, : n_prompt * p].reshape(n_prompt, p, -1))
+    target = model.aggregator(batch.target[b, : n * p].reshape(n, p, -1))
+    start = model.text_embedding.weight[cfg.text.SPEECH_START][None]
+    steps = torch.cat([model.text_embedding(ids), prompt, start + rows[1][None]])[None]
+    keys = values = None
+    position = torch.zeros(1, dtype=torch.int64, device=ids.device)
+    cursor, path = 0, []
+    for j in range(n):
+        hidden, _, new_keys, new_values = model.lm(steps, keys, values, position)
+        keys = new_keys if keys is None else torch.cat([keys, new_keys], dim=3)
+        values = new_values if values is None else torch.cat([values, new_values], dim=3)
+        position = position + steps.shape[1]
+        path.append(cursor)
+        cursor = min(cursor + int(model.lm.advance_head(hidden[0, -1]).argmax()), chars - 1)
+        steps = (target[j] + rows[cursor + 1])[None, None]
+    return np.asarray(path)

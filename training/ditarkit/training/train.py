@@ -147,27 +147,43 @@ def _tuples(value):
 
 
 def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None,
-               vae_from: Path | None = None) -> DiTAR:
-    """Resume from the stage's own checkpoint if it exists, else start from `init_from` (a
-    whole checkpoint, such as the shipped default voice). A new DiTAR stage is otherwise built
-    from the preset and takes only the VAE (weights and latent statistics) from `vae_from` or
+               vae_from: Path | None = None) -> tuple[DiTAR, set[str]]:
+    """The model, and the names of its parameters that start new. Resume from the stage's own
+    checkpoint if it exists; else build the preset's model and take from `init_from` (a whole
+    checkpoint, such as the shipped default voice or an earlier trial) every weight it has:
+    parts the preset adds (a text cursor) start new, a size that differs is an error. A new
+    DiTAR stage otherwise takes only the VAE (weights and latent statistics) from `vae_from` or
     the VAE stage, so the preset, not the VAE run, decides the sizes of the LM and LocDiT."""
     own = run / stage
     if (own / WEIGHTS_FILE).is_file():
         log(f"{stage}: resuming from {own}")
-        return load_checkpoint(own).to(device)
-    if init_from:
-        log(f"{stage}: starting from {init_from}")
-        return load_checkpoint(init_from).to(device)
+        return load_checkpoint(own).to(device), set()
     model = DiTAR(config)
-    if stage == "ditar":
+    fresh = {name for name, _ in model.named_parameters()}
+    if init_from:
+        taken = take_weights(model, load_checkpoint(init_from), str(init_from))
+        fresh -= taken
+        log(f"{stage}: starting from {init_from}" + (f"; new: {sorted(fresh)}" if fresh else ""))
+    elif stage == "ditar":
         source = vae_from or run / "vae"
         vae = load_checkpoint(source)
         if (vae.config.audio, vae.config.vae) != (config.audio, config.vae):
             raise SystemExit(f"error: the VAE in {source} was made for another audio/VAE config than {config.name}")
         model.vae.load_state_dict(vae.vae.state_dict())
         log(f"ditar: new {config.name} model on the VAE of {source}")
-    return model.to(device)
+    return model.to(device), fresh
+
+
+def take_weights(model: DiTAR, source: DiTAR, name: str) -> set[str]:
+    """Copy every tensor of `source` into `model` (all must exist there with the same shape);
+    returns the parameter names copied."""
+    target = model.state_dict()
+    problems = [k for k, v in source.state_dict().items() if k not in target or target[k].shape != v.shape]
+    if problems:
+        raise SystemExit(f"error: {name} does not fit the {model.config.name} preset: "
+                         f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
+    model.load_state_dict(source.state_dict(), strict=False)
+    return set(source.state_dict())
 
 
 # --------------------------------------------------------------------------------------
@@ -175,7 +191,7 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
 # --------------------------------------------------------------------------------------
 def train_vae(args) -> None:
     corpus = read_manifest(args.corpus)
-    model = _model_for(args.run, "vae", preset(args.preset), args.device, args.init_from)
+    model, _ = _model_for(args.run, "vae", preset(args.preset), args.device, args.init_from)
     cfg = model.config
     audio = AudioCache(cfg.audio.sample_rate)
     crop = int(args.crop_seconds * cfg.audio.frame_rate) * cfg.audio.hop_length
@@ -231,22 +247,31 @@ def set_latent_statistics(model: DiTAR, corpus: list[Utterance], audio: AudioCac
 # Stage 2: aggregator, LM, LocDiT and stop head on frozen-VAE latents
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
-def balance_scales(model: DiTAR, batch) -> dict[str, float]:
-    """A new model's text embeddings at the patch vectors' scale, and the LM's share of
-    LocDiT's condition token at least at the time embedding's: without this the LM sees text
-    far quieter than audio (norm 0.3 against ~10 at init), and LocDiT's condition can be
-    mostly time. Training-only (initial values)."""
+def balance_scales(model: DiTAR, batch, fresh: set[str]) -> dict[str, float]:
+    """Parameters that start new (`fresh`) at balanced scales: text embeddings and the text
+    cursor's vector at the patch vectors' norm, and the LM's share of LocDiT's condition token
+    at least at the time embedding's. Without this the LM sees text far quieter than audio
+    (norm 0.3 against ~10 at init), and LocDiT's condition can be mostly time. Training-only
+    (initial values)."""
     cfg = model.config
     p = cfg.patch_size
     patches = batch.target[:, : p * int(batch.target_patches.min())].reshape(-1, p, cfg.audio.latent_dim)
     patch_norm = model.aggregator(patches).norm(dim=-1).mean()
-    model.text_embedding.weight.mul_(patch_norm / model.text_embedding.weight.norm(dim=-1).mean())
-    hidden = model.lm.transformer.norm(torch.randn(256, cfg.lm.dim, device=patches.device))  # unit-RMS like h_i
-    time_norm = model.locdit.time_embed(torch.rand(256, device=patches.device)).norm(dim=-1).mean()
-    cond_norm = model.locdit.cond_proj(hidden).norm(dim=-1).mean()
-    model.locdit.cond_proj.weight.mul_(max(1.0, float(time_norm / cond_norm)))  # raised, never lowered
-    return {"patch_vector_norm": float(patch_norm), "time_embed_norm": float(time_norm),
-            "cond_norm_before": float(cond_norm)}
+    scales = {"patch_vector_norm": float(patch_norm)}
+    if "text_embedding.weight" in fresh:
+        model.text_embedding.weight.mul_(patch_norm / model.text_embedding.weight.norm(dim=-1).mean())
+    if "text_cursor.embedding.weight" in fresh:
+        table = model.text_cursor.embedding.weight
+        cursor_norm = model.text_cursor(batch.text_ids[0, : int(batch.text_lengths[0])]).norm(dim=-1).mean()
+        table.mul_(patch_norm / cursor_norm)
+        scales["cursor_norm_before"] = float(cursor_norm)
+    if "locdit.cond_proj.weight" in fresh:
+        hidden = model.lm.transformer.norm(torch.randn(256, cfg.lm.dim, device=patches.device))  # unit-RMS like h_i
+        time_norm = model.locdit.time_embed(torch.rand(256, device=patches.device)).norm(dim=-1).mean()
+        cond_norm = model.locdit.cond_proj(hidden).norm(dim=-1).mean()
+        model.locdit.cond_proj.weight.mul_(max(1.0, float(time_norm / cond_norm)))  # raised, never lowered
+        scales.update(time_embed_norm=float(time_norm), cond_norm_before=float(cond_norm))
+    return scales
 
 
 def free_running_wer(checkpoint: Path, corpus: Path, sentences: int) -> dict[str, float]:
@@ -298,21 +323,22 @@ def train_ditar(args) -> None:
     config = preset(args.preset)
     if args.isolated_history is not None:
         config = dataclasses.replace(config, isolated_history=args.isolated_history == "on")
-    model = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
+    model, fresh = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
     frontend = TextFrontend(model.config.text)
     corpus = read_manifest(args.corpus)
     probe = read_manifest(args.corpus, "probe.jsonl") if (args.corpus / "probe.jsonl").is_file() else []
-    if args.aligned_heads:
+    if args.aligned_heads or model.config.cursor:
         corpus, probe = _aligned(corpus, frontend), _aligned(probe, frontend)
     latents = encode_corpus(model, corpus + probe, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
-                          alignment_weight=args.alignment_weight, history_noise=args.history_noise)
+                          alignment_weight=args.alignment_weight, history_noise=args.history_noise,
+                          advance_weight=args.advance_weight)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
     stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches)
-    if not stage.resumed and not args.init_from:
-        log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device))))
+    if not stage.resumed and fresh:
+        log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device), fresh)))
     evaluate = None
     if probe:
         probe_batch = build_probe(probe, batches, args.device)
@@ -362,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aligned-heads", default="1:0,1:1,2:0,2:1",
                         help="LAYER:HEAD,... of the LM supervised toward the spoken characters ('' for none)")
     parser.add_argument("--alignment-weight", type=float, default=0.3, help="attention alignment loss weight")
+    parser.add_argument("--advance-weight", type=float, default=0.5,
+                        help="text cursor's advance-head loss weight (presets with a cursor)")
     parser.add_argument("--history-noise", type=float, default=0.3,
                         help="probability that a patch's LocDiT history is mixed with noise in training")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")

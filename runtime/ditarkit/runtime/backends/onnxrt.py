@@ -15,8 +15,8 @@ from ditarkit.runtime.backends.cuda import Copy2D, cuda_copy2d, host_copy2d, ins
 from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.machine import cpu_features, describe_features, saturates_u8s8
 from ditarkit.runtime.manifest import (
-    GRAPH_NAMES,
     LM,
+    LM_ADVANCE_LOGITS,
     LM_EMBEDS,
     LM_HIDDEN,
     LM_NEW_KEYS,
@@ -31,7 +31,13 @@ from ditarkit.runtime.manifest import (
     load_manifest,
     signature_digest,
 )
-from ditarkit.runtime.runner import GraphRunner, RunnerClosed, room_for_background_decoding, usable_cores
+from ditarkit.runtime.runner import (
+    GraphRunner,
+    RunnerClosed,
+    lm_outputs,
+    room_for_background_decoding,
+    usable_cores,
+)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -136,7 +142,7 @@ class OrtRunner(GraphRunner):
         options = session_options(self.threads)
         self.sessions = {
             name: open_session(bundle, self.specs[name], self.config, self.providers, options)
-            for name in GRAPH_NAMES
+            for name in self.specs
         }
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -206,11 +212,14 @@ class OrtIOBindingRunner(OrtRunner):
         binding.bind_output(LM_STOP_LOGIT, "cpu")
         binding.bind_output(LM_NEW_KEYS, self.device)
         binding.bind_output(LM_NEW_VALUES, self.device)
+        advance = LM_ADVANCE_LOGITS in self.specs[LM].output_names
+        if advance:
+            binding.bind_output(LM_ADVANCE_LOGITS, "cpu")
         session.run_with_iobinding(binding)
-        hidden, stop, new_keys, new_values = binding.get_outputs()
+        hidden, stop, new_keys, new_values, *rest = binding.get_outputs()
         for new, cache in ((new_keys, self.kv[0]), (new_values, self.kv[1])):
             insert_slots(self.copy2d, cache.data_ptr(), new.data_ptr(), state.position, steps, state.capacity,
                          lm.layers * lm.kv_heads, lm.head_dim)
         state.position += steps
-        return hidden.numpy()[0], float(stop.numpy()[0])
+        return lm_outputs(self.specs[LM], hidden.numpy(), stop.numpy(), rest[0].numpy() if advance else None)
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from ditarkit.runtime.backends.cuda import check, cuda_copy2d, insert_slots, load_cudart
 from ditarkit.runtime.manifest import (
-    GRAPH_NAMES,
     LM,
+    LM_ADVANCE_LOGITS,
     LM_EMBEDS,
     LM_HIDDEN,
     LM_NEW_KEYS,
@@ -40,7 +40,7 @@ from ditarkit.runtime.manifest import (
     Manifest,
     load_manifest,
 )
-from ditarkit.runtime.runner import GraphRunner, RunnerClosed
+from ditarkit.runtime.runner import GraphRunner, LMStep, RunnerClosed, lm_outputs
 
 ENGINE_DIR = "engines"
 ENGINE_INDEX = "engines.json"
@@ -123,9 +123,8 @@ def build_engines(bundle: str | Path, log: Callable[[str], None] = lambda _m: No
     device = device_key()
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT >= 9
     index = {"device": device, "engines": {}}
-    for number, name in enumerate(GRAPH_NAMES, 1):
-        spec = manifest.graphs[name]
-        log(f"[{number}/{len(GRAPH_NAMES)}] building TensorRT engine for {name} ({device})")
+    for number, (name, spec) in enumerate(manifest.graphs.items(), 1):
+        log(f"[{number}/{len(manifest.graphs)}] building TensorRT engine for {name} ({device})")
         profile = Profile()
         for tensor, (lo, opt, hi) in _profile_shapes(spec).items():
             profile.add(tensor, min=lo, opt=opt, max=hi)
@@ -178,7 +177,7 @@ class TensorRTRunner(GraphRunner):
         self.engines = {n: runtime.deserialize_cuda_engine(p.read_bytes()) for n, p in paths.items()}
         self.contexts = {n: e.create_execution_context() for n, e in self.engines.items()}
         # One buffer per I/O tensor, sized for the manifest's maximum shapes, allocated once.
-        self.io = {n: self._allocate_io(self.specs[n]) for n in GRAPH_NAMES}
+        self.io = {n: self._allocate_io(spec) for n, spec in self.specs.items()}
         # The KV cache too, at the largest capacity; each synthesis reuses it (the LM masks
         # every slot at or past `position`, so stale, finite contents are never read).
         self.kv = (self.io[LM][LM_PAST_KEYS], self.io[LM][LM_PAST_VALUES])
@@ -195,7 +194,7 @@ class TensorRTRunner(GraphRunner):
         device = device_key()
         index = json.loads(index_path.read_text())
         paths = {}
-        for name in GRAPH_NAMES:
+        for name in self.specs:
             path = bundle / ENGINE_DIR / f"{name}-{engine_key(self.specs[name], device)}.plan"
             if index.get("device") != device or not path.is_file():
                 raise BundleError(f"engines in {bundle} were built for {index.get('device')}, "
@@ -301,7 +300,7 @@ class TensorRTRunner(GraphRunner):
         """One synthesis at a time per runner: the state shares the runner's cache buffers."""
         return DeviceKVCache(*self.kv, capacity)
 
-    def lm_step(self, embeds: np.ndarray, state: DeviceKVCache) -> tuple[np.ndarray, float]:
+    def lm_step(self, embeds: np.ndarray, state: DeviceKVCache) -> LMStep:
         self._check_open()
         lm, io = self.config.lm, self.io[LM]
         steps = embeds.shape[0]
@@ -320,9 +319,12 @@ class TensorRTRunner(GraphRunner):
             self._insert(io[new], cache, state, steps)
         hidden = self._download(io[LM_HIDDEN], (1, lm.dim), np.float32)
         stop = self._download(io[LM_STOP_LOGIT], (1,), np.float32)
+        advance = None
+        if LM_ADVANCE_LOGITS in io:
+            advance = self._download(io[LM_ADVANCE_LOGITS], (1, self.config.cursor.max_advance + 1), np.float32)
         check(self.cudart.cudaStreamSynchronize(self.stream))
         state.position += steps
-        return hidden[0], float(stop[0])
+        return lm_outputs(self.specs[LM], hidden, stop, advance)
 
     def _insert(self, new: DeviceBuffer, cache: DeviceBuffer, state: DeviceKVCache, steps: int) -> None:
         lm = self.config.lm
