@@ -22,8 +22,8 @@ from ditarkit.export.bundle import export_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.cli import UNKNOWN_SIZE, main, pcm16, wav_header, write_wav_stream
 from ditarkit.runtime.runner import RunnerClosed, usable_cores
+from ditarkit.runtime.sampler import MAX_CFG_SCALE
 from ditarkit.runtime.synthesizer import (
-    MAX_CFG_SCALE,
     SynthesisError,
     Synthesizer,
     SynthesizerClosed,

@@ -21,10 +21,9 @@ import soundfile as sf
 from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import BundleError
-from ditarkit.runtime.sampler import OptionsError
+from ditarkit.runtime.sampler import MAX_CFG_SCALE, OptionsError
 from ditarkit.runtime.synthesizer import (
     BACKENDS,
-    MAX_CFG_SCALE,
     MAX_CHUNK_PATCHES,
     StreamStats,
     SynthesisError,
