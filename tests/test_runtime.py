@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import BLOCK_TORCH, speech_like
+from conftest import BLOCK_TORCH, SEED, speech_like
 
 from ditarkit.export.bundle import export_bundle
+from ditarkit.reference.model import DiTAR, perturb_weights
 from ditarkit.reference.runner import TorchRunner
 from ditarkit.runtime.backends.onnxrt import OrtIOBindingRunner, OrtRunner, default_threads
 from ditarkit.runtime.cli import main as run_main
@@ -56,7 +58,29 @@ def _fixed_run(cfg):
     return explicit_noise(noise.astype(np.float32)), options
 
 
+@pytest.fixture(scope="module")
+def plain_model_and_bundle(tmp_path_factory):
+    """The tiny preset without a text cursor: checkpoints made before it still run."""
+    import torch
+
+    torch.manual_seed(SEED)
+    model = perturb_weights(DiTAR(dataclasses.replace(preset("tiny"), cursor=None)), seed=SEED).eval()
+    path = tmp_path_factory.mktemp("bundle") / "plain"
+    export_bundle(model, path)
+    return model, path
+
+
 def test_runtime_reproduces_the_reference_latents_and_waveform(tiny_model, bundle):
+    _check_runtime_reproduces_the_reference(tiny_model, bundle)
+
+
+def test_a_model_without_a_text_cursor_runs_the_same_way(plain_model_and_bundle):
+    model, bundle = plain_model_and_bundle
+    assert model.config.cursor is None and "text_cursor" not in OrtRunner(bundle).specs
+    _check_runtime_reproduces_the_reference(model, bundle)
+
+
+def _check_runtime_reproduces_the_reference(tiny_model, bundle):
     torch_runner, ort_runner = TorchRunner(tiny_model), OrtRunner(bundle)
     prompt_audio = speech_like(2.0)
     prompts = [r.encode_audio(prompt_audio) for r in (torch_runner, ort_runner)]
