@@ -80,13 +80,13 @@ def check_bundle(model: DiTAR, bundle: str | Path, precision: str, seed: int = 0
 
 
 def format_table(results: list[ParityResult]) -> str:
-    lines = [f"{'graph':<15}{'output':<12}{'worst at':<10}{'max abs err':>12}{'scale':>9}{'limit':>10}  ok"]
+    lines = [f"{'graph':<15}{'output':<16}{'worst at':<10}{'max abs err':>12}{'scale':>9}{'limit':>10}  ok"]
     worst: dict[tuple[str, str], ParityResult] = {}
     for r in results:
         key = (r.graph, r.output)
         if key not in worst or r.max_abs / r.scale > worst[key].max_abs / worst[key].scale:
             worst[key] = r
     for r in worst.values():
-        lines.append(f"{r.graph:<15}{r.output:<12}{r.point:<10}{r.max_abs:>12.2e}{r.scale:>9.2f}"
+        lines.append(f"{r.graph:<15}{r.output:<16}{r.point:<10}{r.max_abs:>12.2e}{r.scale:>9.2f}"
                      f"{r.tolerance * r.scale:>10.1e}  {'yes' if r.ok else 'NO'}")
     return "\n".join(lines)
