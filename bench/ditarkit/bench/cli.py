@@ -37,6 +37,7 @@ from ditarkit.bench.measure import (
     isolated,
 )
 from ditarkit.runtime.audio import AudioError
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.config import PRESETS
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.machine import cpu_features, cpu_model, describe_features
@@ -55,7 +56,7 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-class BenchCommand(click.Command):
+class BenchCommand(OneLineCommand):
     """Keeps the arguments as given, so the report can quote its exact command line."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:

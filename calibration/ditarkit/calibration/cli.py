@@ -18,6 +18,7 @@ from ditarkit.calibration.quantize import QUANTIZED_GRAPHS, TARGETS, write_quant
 from ditarkit.calibration.record import PER_GRAPH, CalibrationError, record, require_fp32
 from ditarkit.runtime.audio import AudioError
 from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.machine import cpu_features, cpu_summary, saturates_u8s8
@@ -50,7 +51,7 @@ def read_sentences(path: str | None) -> list[str]:
     return sentences
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ref", "references", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Reference voice recording; repeat for several voices (used in turn).")
 @click.option("--bundle", type=click.Path(file_okay=False), help="fp32 bundle. Default: the embedded default's.")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.config import PRESETS, ConfigError, preset
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.manifest import BundleError
@@ -40,7 +41,7 @@ def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
     return model, {"preset": preset_name, "random_weights_seed": seed}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(file_okay=False),
               help="Checkpoint folder (model.safetensors + config.json). Default: the embedded default voice.")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)),

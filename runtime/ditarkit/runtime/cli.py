@@ -19,6 +19,7 @@ import numpy as np
 import soundfile as sf
 
 from ditarkit.runtime.audio import AudioError
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import BundleError
 from ditarkit.runtime.sampler import MAX_CFG_SCALE, OptionsError
@@ -73,7 +74,7 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--text", help="Text to speak.")
 @click.option("--text-file", type=click.Path(dir_okay=False), help="Read the text from this file (UTF-8).")
 @click.option("--ref", "reference", required=True, type=click.Path(dir_okay=False),
@@ -225,7 +226,7 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
 def engines_main(bundle: str) -> None:
     """Build TensorRT engines for BUNDLE on this device (engines do not travel between GPUs)."""

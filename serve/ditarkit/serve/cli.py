@@ -18,6 +18,7 @@ import click
 
 from ditarkit.runtime.audio import AudioError, read_audio, to_mono
 from ditarkit.runtime.cli import Stopped, stop_signals_raise
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import BundleError, load_manifest
@@ -35,7 +36,7 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(file_okay=False))
 @click.option("--instances", type=click.IntRange(1, MAX_INSTANCES), default=1, show_default=True,
               help="Instances of the speech model: each runs one synthesis at a time.")
@@ -143,7 +144,7 @@ def run_server(repository: Path, workspace: Path, address: Address, verbose: boo
         server.stop()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="The server's gRPC address (this machine).")
 @click.option("--ref", "reference", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Reference voice (an audio file).")

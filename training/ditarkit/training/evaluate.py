@@ -33,6 +33,7 @@ import click
 import numpy as np
 
 from ditarkit.runtime.audio import AudioError, read_audio, resample, to_mono
+from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.fileio import atomic_write
 
 WHISPER_RATE = 16_000  # Hz: what Whisper's feature extractor expects
@@ -480,7 +481,7 @@ def write_report(path: str | Path, report: dict[str, Any]) -> None:
         raise EvaluationError(f"cannot write {path}: {err}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundles", multiple=True, required=True,
               help="A bundle directory; repeat to compare several (fp32, fp16, int8) side by side.")
 @click.option("--corpus", default="data/corpus", show_default=True, help="Corpus with heldout.txt and refs.jsonl.")
