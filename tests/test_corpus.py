@@ -78,7 +78,8 @@ def built(tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
-def _check_wav(path: Path, seconds: float) -> None:
+def _check_wav(path: Path, seconds: float) -> int:
+    """Checks the clip; returns its length in samples."""
     import soundfile as sf
 
     info = sf.info(str(path))
@@ -87,6 +88,7 @@ def _check_wav(path: Path, seconds: float) -> None:
     assert abs(len(audio) / 24_000 - seconds) < 0.01
     assert 1.0 <= seconds <= 12.0
     assert np.sqrt(np.mean(audio**2)) > 0.01  # not silent
+    return len(audio)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -102,10 +104,10 @@ def test_build_makes_two_training_utterances_end_to_end(built):
         assert set(r) == {"id", "voice", "text", "path", "seconds", "rate", "chars"}
         assert r["path"] == f"wavs/{r['voice']}/{r['id']}.wav"
         assert r["voice"] not in held_voices
-        _check_wav(out / r["path"], r["seconds"])
+        samples = _check_wav(out / r["path"], r["seconds"])
         chars = np.asarray(r["chars"])
         assert len(chars) == len(r["text"]) and np.all(np.diff(chars[:, 0]) >= 0)
-        assert chars[-1, 1] <= r["seconds"] * 24_000
+        assert chars[-1, 1] <= samples  # against the clip, not its rounded `seconds`
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "README.md").exists()
 
