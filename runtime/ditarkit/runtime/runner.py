@@ -18,7 +18,6 @@ from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step, sample_patch
 from ditarkit.runtime.manifest import (
     LM,
-    LM_ADVANCE_LOGITS,
     LM_EMBEDS,
     LM_PAST_KEYS,
     LM_PAST_VALUES,
@@ -114,10 +113,9 @@ def room_for_background_decoding(threads: int) -> bool:
     return 2 * threads <= usable_cores()
 
 
-def lm_outputs(spec: GraphSpec, hidden: np.ndarray, stop: np.ndarray, advance: np.ndarray | None) -> LMStep:
-    """The LM graph's host outputs as an `LMStep`; the advance logits where the graph has them."""
-    if (advance is None) == (LM_ADVANCE_LOGITS in spec.output_names):
-        raise RuntimeError(f"the {LM} graph's outputs do not match its manifest ({spec.output_names})")
+def lm_outputs(hidden: np.ndarray, stop: np.ndarray, advance: np.ndarray | None) -> LMStep:
+    """The LM graph's host outputs (batch 1) as an `LMStep`; `advance` where the graph has it
+    (the backends ask for the manifest's outputs, so it is there exactly with a cursor)."""
     return LMStep(hidden[0], float(stop[0]), None if advance is None else advance[0])
 
 
@@ -164,7 +162,7 @@ class GraphRunner:
         })
         hidden, stop, new_keys, new_values = outputs[:4]
         state.append(new_keys, new_values)
-        return lm_outputs(self.specs[LM], hidden, stop, outputs[4] if len(outputs) > 4 else None)
+        return lm_outputs(hidden, stop, outputs[4] if len(outputs) > 4 else None)
 
     def velocity(self, x, t, cond, history) -> np.ndarray:
         return self._call(LOCDIT, x=x, t=t, cond=cond.astype(np.float32, copy=False), history=history)[0]

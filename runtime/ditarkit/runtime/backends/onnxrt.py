@@ -221,5 +221,5 @@ class OrtIOBindingRunner(OrtRunner):
             insert_slots(self.copy2d, cache.data_ptr(), new.data_ptr(), state.position, steps, state.capacity,
                          lm.layers * lm.kv_heads, lm.head_dim)
         state.position += steps
-        return lm_outputs(self.specs[LM], hidden.numpy(), stop.numpy(), rest[0].numpy() if advance else None)
+        return lm_outputs(hidden.numpy(), stop.numpy(), rest[0].numpy() if advance else None)
 

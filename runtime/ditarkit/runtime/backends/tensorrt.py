@@ -324,7 +324,7 @@ class TensorRTRunner(GraphRunner):
             advance = self._download(io[LM_ADVANCE_LOGITS], (1, self.config.cursor.max_advance + 1), np.float32)
         check(self.cudart.cudaStreamSynchronize(self.stream))
         state.position += steps
-        return lm_outputs(self.specs[LM], hidden, stop, advance)
+        return lm_outputs(hidden, stop, advance)
 
     def _insert(self, new: DeviceBuffer, cache: DeviceBuffer, state: DeviceKVCache, steps: int) -> None:
         lm = self.config.lm
