@@ -27,6 +27,7 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.backends import onnxrt
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import check_buildable
+from ditarkit.runtime.config import DiTARConfig
 from ditarkit.runtime.machine import cpu_summary
 from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, BundleError, load_manifest
 from ditarkit.runtime.synthesizer import Synthesizer
@@ -215,7 +216,8 @@ def test_cli_refuses_bad_input_in_one_line_before_any_work(setup, tmp_path, case
         texts.write_text("one two.\n")
     elif case == "foreign compare bundle":
         foreign = tmp_path / "foreign"
-        export_bundle(DiTAR(replace(load_manifest(fp32).config, max_seconds=9.0)), foreign)
+        source = DiTARConfig.from_dict(load_manifest(fp32).source["config"])
+        export_bundle(DiTAR(replace(source, max_seconds=9.0)), foreign)
         args = ["--compare", str(foreign)]
     elif case == "out is a user folder":
         out.mkdir()

@@ -15,6 +15,7 @@ from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import TOLERANCE, check_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.backends.tensorrt import unavailable_reason
+from ditarkit.runtime.config import preset
 from ditarkit.runtime.manifest import (
     GRAPH_NAMES,
     LM,
@@ -130,10 +131,9 @@ def test_edited_manifest_and_foreign_version_are_refused(bundles, tmp_path):
 def test_the_text_cursor_graph_is_part_of_the_contract_exactly_when_the_config_has_a_cursor(bundles, tmp_path):
     import dataclasses
 
-    from ditarkit.runtime.config import preset
     from ditarkit.runtime.manifest import LM_ADVANCE_LOGITS, graph_signatures
 
-    plain = graph_signatures(dataclasses.replace(preset("tiny"), cursor=None))
+    plain = graph_signatures(dataclasses.replace(preset("tiny"), cursor=None).contract())
     assert set(plain) == set(GRAPH_NAMES) and LM_ADVANCE_LOGITS not in plain[LM].output_names
     bundle = _copy_bundle(bundles["fp32"][0], tmp_path / "b")
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
@@ -165,7 +165,8 @@ def test_cli_exports_a_preset_and_prints_parity(tmp_path):
     result = CliRunner().invoke(export_main, ["--preset", "tiny", "--out", str(tmp_path / "b"), "--no-trt"])
     assert result.exit_code == 0, result.output
     assert "lm.onnx" in result.stdout and "velocity" in result.stdout
-    assert load_manifest(tmp_path / "b").source == {"preset": "tiny", "random_weights_seed": 0}
+    source = load_manifest(tmp_path / "b").source
+    assert source == {"preset": "tiny", "random_weights_seed": 0, "config": preset("tiny").to_dict()}
 
 
 def test_cli_refuses_a_bad_checkpoint_in_one_line(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ditarkit.reference.runner import TorchRunner
+from ditarkit.runtime.contract import SamplerSpec
 from ditarkit.runtime.diffusion import Schedule, guided, renoise_step, sample_patch, time_grid
 from ditarkit.runtime.sampler import GenerationOptions, OptionsError, explicit_noise, generate_latents
 
@@ -17,10 +18,16 @@ def affine_velocity(x, t, cond, history):
     return 0.5 * x + cond[:, :1, None] + t[:, None, None] + 0.1 * history.mean(axis=1, keepdims=True)
 
 
+def _spec(schedule: str) -> SamplerSpec:
+    """The kit's sampler (uniform grid, plain guidance) on `schedule`; the per-call values
+    (nfe, guidance, temperature) are given to sample_patch."""
+    return SamplerSpec(schedule, nfe=10, cfg_scale=0.0, temperature=1.0)
+
+
 def _draw(noise, temperature, cfg_scale=1.5, schedule="cosine_vp", nfe=10):
     cond = np.linspace(-1, 1, D).astype(np.float32)
     history = np.ones((HP, C), np.float32)
-    return sample_patch(affine_velocity, cond, history, noise, Schedule(schedule), nfe, cfg_scale, temperature)
+    return sample_patch(affine_velocity, cond, history, noise, _spec(schedule), nfe, cfg_scale, temperature)
 
 
 def test_guidance_formula_on_known_tensors():
@@ -38,8 +45,8 @@ def test_zero_guidance_ignores_the_unconditional_branch():
         return v
 
     cond, history = np.ones(D, np.float32), np.zeros((HP, C), np.float32)
-    a = sample_patch(affine_velocity, cond, history, noise, Schedule("cosine_vp"), 10, 0.0, 1.0)
-    b = sample_patch(garbage_uncond, cond, history, noise, Schedule("cosine_vp"), 10, 0.0, 1.0)
+    a = sample_patch(affine_velocity, cond, history, noise, _spec("cosine_vp"), 10, 0.0, 1.0)
+    b = sample_patch(garbage_uncond, cond, history, noise, _spec("cosine_vp"), 10, 0.0, 1.0)
     np.testing.assert_array_equal(a, b)
 
 
@@ -136,16 +143,16 @@ def test_the_text_cursor_moves_by_the_advance_head_and_stops_at_the_last_charact
     last character (BOS and EOS are rows 0 and T - 1)."""
     runner = TorchRunner(tiny_model)
     cfg = runner.config
-    text = [cfg.text.BOS, *range(10, 16), cfg.text.EOS]  # six characters
+    text = [cfg.text.bos, *range(10, 16), cfg.text.eos]  # six characters
     rows = runner.text_cursor(np.asarray(text, np.int64))
     steps, vectors = [], []
     lm_step, encode = runner.lm_step, runner.encode_patches
-    runner.lm_step = lambda embeds, state: steps.append((embeds, lm_step(embeds, state))) or steps[-1][1]
+    runner.lm_step = lambda embeds, state, mask: steps.append((embeds, lm_step(embeds, state, mask))) or steps[-1][1]
     runner.encode_patches = lambda patches: vectors.append(encode(patches)) or vectors[-1]
     options = GenerationOptions(max_seconds=3.0, stop_threshold=1 - 1e-9)
     prompt = np.random.default_rng(0).standard_normal((12, cfg.audio.latent_dim)).astype(np.float32)
     generate_latents(runner, text, prompt, options)
-    read = [int(np.abs(steps[0][0][-1] - runner.embed_text(np.array([cfg.text.SPEECH_START]))[0]
+    read = [int(np.abs(steps[0][0][-1] - runner.embed_text(np.array([cfg.prompt.prefix[-1]]))[0]
                        - rows).max(-1).argmin()) - 1]
     for (embeds, _), vector in zip(steps[1:], vectors[1:]):  # vectors[0] is the prompt's
         read.append(int(np.abs(embeds[0] - vector[0] - rows).max(-1).argmin()) - 1)

@@ -100,7 +100,7 @@ class SamplerContext:
 
 
 CONFIG = preset("tiny")
-SPECS = graph_signatures(CONFIG)
+SPECS = graph_signatures(CONFIG.contract())
 PATCH_SHAPE = (CONFIG.patch_size, CONFIG.audio.latent_dim)
 
 

@@ -120,7 +120,9 @@ def main(ctx, bundles, checkpoint, preset_name, export_dir, runs, seconds, texts
         except BundleError as err:
             raise click.ClickException(str(err)) from None
         if torch_sources is None:
-            configs = {json.dumps(m.config.to_dict(), sort_keys=True): m.config.to_dict() for m in manifests}
+            # The reference model's own config, which the exporter keeps beside the contract.
+            kept = [m.source["config"] for m in manifests if "config" in m.source]
+            configs = {json.dumps(config, sort_keys=True): config for config in kept}
             torch_sources = [{"config": config} for config in configs.values()]
 
         jobs = []  # (label, function, arguments)
@@ -161,8 +163,8 @@ def main(ctx, bundles, checkpoint, preset_name, export_dir, runs, seconds, texts
     report = {
         "command": "ditar-bench " + shlex.join(ctx.meta.get("argv", [])),
         "machine": machine(),
-        "workload": {**asdict(work), "model": model.name, "nfe": model.diffusion.nfe,
-                     "cfg_scale": model.diffusion.cfg_scale, "temperature": model.diffusion.temperature,
+        "workload": {**asdict(work), "model": model.name, "nfe": model.sampler.nfe,
+                     "cfg_scale": model.sampler.cfg_scale, "temperature": model.sampler.temperature,
                      "voice": ref or f"synthetic speech-like signal, {REFERENCE_SECONDS} s"},
         "rows": [{**asdict(r), "total_calls_per_audio_second": r.total_calls_per_audio_second} for r in rows],
         "skipped": skipped,

@@ -26,7 +26,7 @@ from ditarkit.runtime.manifest import BundleError, load_manifest
 from ditarkit.runtime.runner import usable_cores
 from ditarkit.runtime.sampler import OptionsError
 from ditarkit.runtime.synthesizer import SynthesisError, Synthesizer
-from ditarkit.runtime.text import TextError, TextFrontend, split_sentences
+from ditarkit.runtime.text import TextError, split_sentences, text_frontend
 
 USER_ERRORS = (AudioError, BundleError, CalibrationError, OptionsError, SynthesisError, TextError, OSError)
 HELDOUT_EVERY = 4  # every 4th sentence is held out from calibration to measure the error
@@ -94,7 +94,7 @@ def check_inputs(bundle: Path, out: Path, sentences: list[str], compare: list[Pa
     require_fp32(manifest, bundle)
     if out == bundle or out in bundle.parents or bundle in out.parents:
         raise CalibrationError(f"the INT8 bundle {out} would overwrite the fp32 bundle {bundle}: choose another -o")
-    frontend = TextFrontend(manifest.config.text)
+    frontend = text_frontend(manifest.config.text, bundle)
     for sentence in sentences:
         frontend.encode(sentence)  # raises TextError naming the sentence's problem
     for path in compare:

@@ -93,7 +93,7 @@ class RecordingRunner(OrtRunner):
 
     def draw_patch(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
                    temperature: float) -> np.ndarray:
-        if nfe == self.config.diffusion.nfe:  # the NFE the fused graph is unrolled at
+        if nfe == self.config.sampler.nfe:  # the NFE the fused graph is unrolled at
             self._offer(LOCDIT_SAMPLER, self.sampler_feeds(cond, history, noise, nfe, cfg_scale, temperature))
         return super().draw_patch(cond, history, noise, nfe, cfg_scale, temperature)
 

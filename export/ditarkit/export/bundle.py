@@ -6,13 +6,18 @@ end (`atomic_dir`), so a failed or interrupted export never leaves a half-writte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ditarkit.export.onnx_export import export_graph
 from ditarkit.reference.model import DiTAR
+from ditarkit.reference.runner import GRAPH_MODULES
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.manifest import Manifest, file_sha256, graph_signatures, signature_digest
 
@@ -27,17 +32,38 @@ def export_bundle(
     source: dict[str, Any] | None = None,
     log: Log = lambda _msg: None,
 ) -> Manifest:
-    specs = graph_signatures(model.config)
+    """A kit model's bundle; the reference model's own config is kept in the manifest's source."""
+    contract = model.config.contract()
+    graphs = {name: GRAPH_MODULES[name](model) for name in graph_signatures(contract)}
+    source = {**(source or {}), "config": model.config.to_dict()}
+    return write_bundle(graphs, contract, out, fp16, opset, source, log)
+
+
+def write_bundle(
+    graphs: Mapping[str, nn.Module],
+    contract: ModelContract,
+    out: str | Path,
+    fp16: bool = False,
+    opset: int = 17,
+    source: dict[str, Any] | None = None,
+    log: Log = lambda _msg: None,
+    files: Mapping[str, Path] | None = None,
+) -> Manifest:
+    """Any model family's bundle: one module per graph of the contract's signatures, and
+    `files` (bundle name -> path: a tokenizer) copied beside them."""
+    specs = graph_signatures(contract)
     precision = "fp16" if fp16 else "fp32"
 
     def build(staging: Path) -> Manifest:
-        graphs = {}
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, staging / name)
+        exported = {}
         for index, (name, spec) in enumerate(specs.items(), 1):
             log(f"[{index}/{len(specs)}] exporting {name} ({precision}, opset {opset})")
-            path = export_graph(model, spec, staging / f"{name}.onnx", opset, fp16,
-                                signature_digest(model.config, spec))
-            graphs[name] = replace(spec, file=path.name, sha256=file_sha256(path))
-        manifest = Manifest(model.config, precision, opset, graphs, source=source or {})
+            path = export_graph(graphs[name], spec, staging / f"{name}.onnx", opset, fp16,
+                                signature_digest(contract, spec), contract)
+            exported[name] = replace(spec, file=path.name, sha256=file_sha256(path))
+        manifest = Manifest(contract, precision, opset, exported, source=source or {})
         manifest.save(staging)
         return manifest
 

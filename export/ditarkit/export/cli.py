@@ -46,6 +46,9 @@ def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
               help="Checkpoint folder (model.safetensors + config.json). Default: the embedded default voice.")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)),
               help="Export a preset with random weights instead (speed measurements).")
+@click.option("--from-voxcpm", "voxcpm", type=click.Path(file_okay=False),
+              help="An OpenBMB VoxCPM checkpoint folder (VoxCPM 0.5B / 1.5 or VoxCPM2) instead. "
+                   "Default --out: ./FOLDER-fp32 (or -fp16).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Bundle folder to write. Default: the kit's default bundle location.")
 @click.option("--fp16", is_flag=True,
@@ -57,31 +60,53 @@ def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Check every graph against PyTorch with ONNX Runtime.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights for --preset.")
-def main(checkpoint, preset_name, out, fp16, opset, trt, parity, seed) -> None:
-    """Export a DiTAR checkpoint to a bundle of ONNX graphs with a manifest."""
-    from ditarkit.export.bundle import export_bundle
-    from ditarkit.export.parity import check_bundle
+def main(checkpoint, preset_name, voxcpm, out, fp16, opset, trt, parity, seed) -> None:
+    """Export a DiTAR checkpoint (or a VoxCPM one) to a bundle of ONNX graphs with a manifest."""
     from ditarkit.reference.checkpoint import CheckpointError
 
-    if checkpoint and preset_name:
-        raise click.UsageError("give --checkpoint or --preset, not both")
+    if sum(bool(x) for x in (checkpoint, preset_name, voxcpm)) > 1:
+        raise click.UsageError("give one of --checkpoint, --preset and --from-voxcpm")
     precision = "fp16" if fp16 else "fp32"
-    out = Path(out) if out else default_bundle_dir(precision)
+    if out:
+        out = Path(out)
+    else:
+        out = Path(f"{Path(voxcpm).resolve().name}-{precision}") if voxcpm else default_bundle_dir(precision)
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
-        model, source = load_model(checkpoint, preset_name, seed)
-        log(f"model: {model.config.name}, {model.num_parameters() / 1e6:.1f}M parameters")
-        manifest = export_bundle(model, out, fp16=fp16, opset=opset, source=source, log=log)
-        results = []
-        if parity:
-            log("checking parity against PyTorch (ONNX Runtime, CPU)")
-            results = check_bundle(model, out, precision)
+        if voxcpm:
+            manifest, results = _export_voxcpm(voxcpm, out, fp16, opset, parity)
+        else:
+            manifest, results = _export_kit_model(checkpoint, preset_name, seed, out, fp16, opset, parity)
         _build_engines(out, trt)
     except (CheckpointError, ConfigError, BundleError, OSError) as err:
         raise click.ClickException(str(err)) from None
     _summary(out, manifest, results, time.perf_counter() - start)
     if results and not all(r.ok for r in results):
         raise click.ClickException("parity check failed: see the table above")
+
+
+def _export_kit_model(checkpoint, preset_name, seed, out, fp16, opset, parity):
+    from ditarkit.export.bundle import export_bundle
+    from ditarkit.export.parity import check_bundle
+
+    model, source = load_model(checkpoint, preset_name, seed)
+    log(f"model: {model.config.name}, {model.num_parameters() / 1e6:.1f}M parameters")
+    manifest = export_bundle(model, out, fp16=fp16, opset=opset, source=source, log=log)
+    results = []
+    if parity:
+        log("checking parity against PyTorch (ONNX Runtime, CPU)")
+        results = check_bundle(model, out, manifest.precision)
+    return manifest, results
+
+
+def _export_voxcpm(folder, out, fp16, opset, parity):
+    from ditarkit.export.voxcpm.checkpoint import VoxCPMCheckpointError
+    from ditarkit.export.voxcpm.export import export_voxcpm
+
+    try:
+        return export_voxcpm(folder, out, fp16, opset, parity, log=log)
+    except VoxCPMCheckpointError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _build_engines(bundle: Path, wanted: bool | None) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ditarkit.runtime.manifest import LM_POSITION, SAMPLER_RENOISE_STEP, GraphSpec
+from ditarkit.runtime.manifest import LM_AUDIO_MASK, LM_POSITION, SAMPLER_RENOISE_STEP, GraphSpec
 
 
 def example_inputs(spec: GraphSpec, dims: dict[str, int], seed: int = 0, vocab: int = 2) -> dict[str, np.ndarray]:
     """Random inputs of the signature's shapes. Integer inputs: `position` is the filled part
-    of the cache (half of it), `renoise_step` a solver step; other ids are drawn below `vocab`."""
+    of the cache (half of it), `renoise_step` a solver step; other ids are drawn below `vocab`;
+    an audio mask is 0 or 1."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for tensor in spec.inputs:
@@ -19,6 +20,8 @@ def example_inputs(spec: GraphSpec, dims: dict[str, int], seed: int = 0, vocab: 
             feeds[tensor.name] = np.array([dims["capacity"] // 2], dtype=np.int64)
         elif tensor.name == SAMPLER_RENOISE_STEP:  # the second solver step: valid for any NFE >= 2
             feeds[tensor.name] = np.array([1], dtype=np.int64)
+        elif tensor.name == LM_AUDIO_MASK:  # rows are text (0) or patches (1)
+            feeds[tensor.name] = rng.integers(0, 2, size=shape).astype(np.float32)
         elif tensor.dtype == "int64":
             feeds[tensor.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
         elif tensor.name == "t":

@@ -18,8 +18,7 @@ import torch
 
 from ditarkit.export.graphfile import declare_io_shapes, share_equal_initializers, stamp
 from ditarkit.export.inputs import dims_at, example_inputs
-from ditarkit.reference.model import DiTAR
-from ditarkit.reference.runner import GRAPH_MODULES
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.manifest import GraphSpec
 
 DEFAULT_OPSET = 17
@@ -30,14 +29,16 @@ FP32_OP_TYPES = [
     "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Reciprocal", "LayerNormalization",
     "Exp", "Log", "Cos", "Sin", "Clip",
 ]
-FP32_SCOPES = ("norm", "rotary", "time_embed", "solver")  # module names in the node names
+# Module names in the node names. "fsq": VoxCPM's scalar quantiser rounds tanh(x) * 9, where an
+# fp16 error of one part in a thousand moves a value to the next level.
+FP32_SCOPES = ("norm", "rotary", "time_embed", "solver", "fsq")
 
 
-def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bool, signature: str) -> Path:
-    """Trace one graph at its optimal shapes with the manifest's dynamic dimensions."""
-    cfg = model.config
-    wrapper = GRAPH_MODULES[spec.name](model).eval()
-    feeds = example_inputs(spec, dims_at(spec, 1, cfg.audio.hop_length), vocab=cfg.text.vocab_size)
+def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, path: Path, opset: int, fp16: bool, signature: str,
+                 contract: ModelContract) -> Path:
+    """Trace one graph's module at its optimal shapes with the manifest's dynamic dimensions."""
+    wrapper = wrapper.eval()
+    feeds = example_inputs(spec, dims_at(spec, 1, contract.audio.hop_length), vocab=contract.text.vocab_size)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     dynamic_axes = {
         t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
@@ -52,9 +53,12 @@ def export_graph(model: DiTAR, spec: GraphSpec, path: Path, opset: int, fp16: bo
         )
     graph = onnx.load(str(path))
     graph = _fold_constants(graph)
-    share_equal_initializers(graph)
     if fp16:
         graph = to_mixed_fp16(graph)
+    # After the fp16 pass: a constant shared by a kept-fp32 node and a converted one would be
+    # left in one precision for both (the converter keeps it fp32, and the converted node then
+    # mixes types).
+    share_equal_initializers(graph)
     declare_io_shapes(graph, spec)
     stamp(graph, signature)
     onnx.checker.check_model(graph, full_check=True)

@@ -15,6 +15,7 @@ from ditarkit.export.inputs import dims_at, example_inputs
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import TorchRunner
 from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.manifest import LM_AUDIO_MASK
 from ditarkit.runtime.runner import GraphRunner
 
 # Max abs error allowed, relative to max(1, max |reference output|).
@@ -60,13 +61,20 @@ def _at_value_edges(feeds: dict[str, np.ndarray], vocab: int) -> dict[str, np.nd
             edged[key] = np.concatenate([square, np.zeros(value.shape[-1] - half, np.float32)])[None]
         elif key == "ids":
             edged[key] = np.full_like(value, vocab - 1)
+        elif key == LM_AUDIO_MASK:
+            edged[key] = np.ones_like(value)  # every row a patch
         elif value.dtype == np.float32:
             edged[key] = value * 4.0  # latents and states well outside their usual spread
     return edged
 
 
 def check_bundle(model: DiTAR, bundle: str | Path, precision: str, seed: int = 0) -> list[ParityResult]:
-    reference, deployed = TorchRunner(model), OrtRunner(bundle)
+    return check_graphs(TorchRunner(model), bundle, precision, seed)
+
+
+def check_graphs(reference: GraphRunner, bundle: str | Path, precision: str, seed: int = 0) -> list[ParityResult]:
+    """Every graph of `bundle` in ONNX Runtime against `reference` (any family's PyTorch modules)."""
+    deployed = OrtRunner(bundle)
     results = []
     for name, spec in deployed.specs.items():
         for point in POINTS:

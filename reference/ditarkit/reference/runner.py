@@ -8,12 +8,15 @@ deployed runtime executes, with every network in fp32 PyTorch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ditarkit.reference.model import DiTAR
-from ditarkit.runtime.diffusion import Schedule, time_grid
+from ditarkit.runtime.contract import ModelContract, SamplerSpec
+from ditarkit.runtime.diffusion import Schedule, guided, time_grid, zero_steps
 from ditarkit.runtime.manifest import (
     LM,
     LOCDIT,
@@ -100,17 +103,18 @@ class LocDiTGraph(nn.Module):
 
 
 class GuidedSolverStep(nn.Module):
-    """One step of `diffusion.sample_patch` in torch: guidance, (x0, eps) estimate, the
-    temperature rule, and the move to the next time. Its own module so that its nodes carry
-    the scope "solver", which an fp16 export keeps in fp32 (the state crosses every step)."""
+    """One step of `diffusion.sample_patch` in torch: guidance (the diffusion module's own
+    function), (x0, eps) estimate, the temperature rule, and the move to the next time. Its
+    own module so that its nodes carry the scope "solver", which an fp16 export keeps in fp32
+    (the state crosses every step)."""
 
-    def __init__(self, schedule: Schedule) -> None:
+    def __init__(self, sampler: SamplerSpec) -> None:
         super().__init__()
-        self.schedule = schedule
+        self.schedule, self.guidance = Schedule(sampler.schedule), sampler.guidance
 
-    def forward(self, x: Tensor, velocity_pair: Tensor, cfg_scale: Tensor, renoise: Tensor, enters: Tensor,
+    def forward(self, x: Tensor, velocity_pair: Tensor | None, cfg_scale: Tensor, renoise: Tensor, enters: Tensor,
                 t: float, s: float) -> Tensor:
-        v = (1.0 + cfg_scale) * velocity_pair[0] - cfg_scale * velocity_pair[1]
+        v = torch.zeros_like(x) if velocity_pair is None else guided(velocity_pair, cfg_scale, self.guidance)
         x0, eps = self.schedule.estimate(x, v, t)
         eps = torch.where(enters, renoise, eps)
         return self.schedule.alpha(s) * x0 + self.schedule.sigma(s) * eps
@@ -118,13 +122,15 @@ class GuidedSolverStep(nn.Module):
 
 class LocDiTSamplerGraph(nn.Module):
     """The guided NFE loop of one patch, unrolled at the model's NFE: one call per patch
-    instead of NFE, the same arithmetic as `diffusion.sample_patch`."""
+    instead of NFE, the same arithmetic as `diffusion.sample_patch`. Any model family's
+    LocDiT graph fits: `locdit(x, t, cond, history)` is the `locdit` graph's signature."""
 
-    def __init__(self, model: DiTAR) -> None:
+    def __init__(self, locdit: nn.Module, sampler: SamplerSpec) -> None:
         super().__init__()
-        self.locdit = model.locdit
-        self.solver = GuidedSolverStep(Schedule(model.config.diffusion.schedule))
-        self.grid = [float(t) for t in time_grid(model.config.diffusion.nfe)]
+        self.locdit = locdit
+        self.solver = GuidedSolverStep(sampler)
+        self.grid = [float(t) for t in time_grid(sampler.nfe, sampler)]
+        self.still = zero_steps(sampler.nfe, sampler)  # leading steps with zero velocity: no LocDiT call
 
     def forward(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
                 history: Tensor) -> Tensor:
@@ -132,41 +138,65 @@ class LocDiTSamplerGraph(nn.Module):
         cond2 = torch.stack([cond, torch.zeros_like(cond)])  # (2, D): conditional, unconditional
         history2 = torch.stack([history, history])
         for index, (t, s) in enumerate(zip(self.grid[:-1], self.grid[1:])):
-            velocity = self.locdit(torch.stack([x, x]), torch.full((2,), t), cond2, history2)
+            velocity = None
+            if index >= self.still:
+                velocity = self.locdit(torch.stack([x, x]), torch.full((2,), t), cond2, history2)
             x = self.solver(x, velocity, cfg_scale, renoise, renoise_step == index, t, s)
         return x  # (P, C)
 
 
+def _locdit_sampler(model: DiTAR) -> LocDiTSamplerGraph:
+    return LocDiTSamplerGraph(model.locdit, model.config.contract().sampler)
+
+
 # Forward arguments follow the order of each graph's inputs in `graph_signatures`.
-GRAPH_MODULES: dict[str, type[nn.Module]] = {
+GRAPH_MODULES: dict[str, Callable[[DiTAR], nn.Module]] = {
     VAE_ENCODER: VAEEncoderGraph,
     VAE_DECODER: VAEDecoderGraph,
     TEXT_EMBEDDING: TextEmbeddingGraph,
     PATCH_ENCODER: PatchEncoderGraph,
     LM: LMGraph,
     LOCDIT: LocDiTGraph,
-    LOCDIT_SAMPLER: LocDiTSamplerGraph,
+    LOCDIT_SAMPLER: _locdit_sampler,
     TEXT_CURSOR: TextCursorGraph,
 }
 
 
 class TorchRunner(GraphRunner):
+    """Each graph's PyTorch module, run eagerly: the reference every bundle is checked against.
+    `TorchRunner(model)` for the kit's own models; `from_graphs` for another family's modules
+    (the VoxCPM import), which follow the same graph signatures."""
+
     name = "pytorch"
 
     def __init__(self, model: DiTAR) -> None:
-        self.model = model.eval()
-        self.config = model.config
-        self.specs = graph_signatures(model.config)
-        self.graphs = {name: GRAPH_MODULES[name](model).eval() for name in self.specs}
+        contract = model.config.contract()
+        specs = graph_signatures(contract)
+        self._attach(contract, {name: GRAPH_MODULES[name](model) for name in specs},
+                     model.text_embedding.weight.device)
+
+    @classmethod
+    def from_graphs(cls, contract: ModelContract, graphs: dict[str, nn.Module],
+                    device: torch.device | str = "cpu") -> TorchRunner:
+        runner = cls.__new__(cls)
+        runner._attach(contract, graphs, torch.device(device))
+        return runner
+
+    def _attach(self, contract: ModelContract, graphs: dict[str, nn.Module], device: torch.device) -> None:
+        self.config = contract
+        self.specs = graph_signatures(contract)
+        missing = sorted(set(self.specs) - set(graphs))
+        if missing:
+            raise ValueError(f"no PyTorch module for graphs {missing}")
+        self.graphs = {name: graphs[name].eval() for name in self.specs}
+        self.device = device  # CPU, or CUDA for GPU measurements
 
     @torch.inference_mode()
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        device = self.model.text_embedding.weight.device  # CPU, or CUDA for GPU measurements
-        args = (torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in self.specs[name].input_names)
+        args = (torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.specs[name].input_names)
         out = self.graphs[name](*args)
         return [o.cpu().numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
     def decodes_in_background(self) -> bool:
         # As the ONNX Runtime runner does, so that benchmarks compare engines, not loops.
-        on_cpu = self.model.text_embedding.weight.device.type == "cpu"
-        return on_cpu and room_for_background_decoding(torch.get_num_threads())
+        return self.device.type == "cpu" and room_for_background_decoding(torch.get_num_threads())

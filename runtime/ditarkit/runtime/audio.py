@@ -71,10 +71,13 @@ def normalize_loudness(audio: np.ndarray) -> np.ndarray:
 
 
 def prepare_reference(
-    audio: np.ndarray, rate: int, target_rate: int, hop: int, max_seconds: float, source: str = "reference"
+    audio: np.ndarray, rate: int, target_rate: int, hop: int, max_seconds: float, source: str = "reference",
+    fit: str = "trim", patch_size: int = 1,
 ) -> np.ndarray:
     """Any rate and channel count -> mono at `target_rate`, trimmed, loudness-normalised, its
-    last `max_seconds` at most, a whole number of hops long. Raises AudioError if unusable."""
+    last `max_seconds` at most, a whole number of hops long ("trim": cut from the start), or
+    of patches with silence added at its start or end ("pad_start", "pad_end": VoxCPM's
+    continuation prompt and reference clip). Raises AudioError if unusable."""
     if audio.size == 0:
         raise AudioError(f"{source} is empty")
     mono = to_mono(audio)
@@ -90,8 +93,11 @@ def prepare_reference(
         raise AudioError(f"{source} has {seconds:.2f} s of sound; at least {MIN_REFERENCE_SECONDS:.1f} s is needed")
     keep = int(max_seconds * target_rate) // hop * hop
     speech = speech[-keep:] if len(speech) > keep else speech  # the voice continues from the prompt's end
-    speech = speech[len(speech) % hop :]  # a whole number of hops, cut from the start like the rest
-    return normalize_loudness(speech)
+    if fit == "trim":
+        return normalize_loudness(speech[len(speech) % hop :])  # whole hops, cut from the start like the rest
+    short = -len(speech) % (hop * patch_size)
+    pad = (short, 0) if fit == "pad_start" else (0, short)
+    return normalize_loudness(np.pad(speech, pad))
 
 
 def write_wav(path: str | Path, audio: np.ndarray, rate: int) -> Path:

@@ -79,6 +79,8 @@ def stop_signals_raise() -> Iterator[None]:
 @click.option("--text-file", type=click.Path(dir_okay=False), help="Read the text from this file (UTF-8).")
 @click.option("--ref", "reference", required=True, type=click.Path(dir_okay=False),
               help="Reference voice: an audio file (any rate, mono or stereo), 1-10 s of speech.")
+@click.option("--ref-text", default="",
+              help="What the reference says: needed by models that continue from it (VoxCPM 0.5B / 1.5).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="WAV file to write (atomically); - streams the WAV to stdout, e.g. into aplay or sox.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="Bundle folder. Default: the embedded default.")
@@ -95,7 +97,7 @@ def stop_signals_raise() -> Iterator[None]:
               help="CPU threads for ONNX Runtime, at most the usable cores (default: 1 for small models such as "
                    "the default voice, else all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def main(text, text_file, reference, output, bundle, backend, cfg_scale, temperature, nfe, seed,
+def main(text, text_file, reference, ref_text, output, bundle, backend, cfg_scale, temperature, nfe, seed,
          max_seconds, chunk_patches, threads, quiet) -> None:
     """Speak TEXT in the voice of a reference recording, streaming to a WAV file (or stdout)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -108,7 +110,7 @@ def main(text, text_file, reference, output, bundle, backend, cfg_scale, tempera
             with Synthesizer(bundle, backend=backend, threads=threads) as synth:
                 options = synth.options(cfg_scale=cfg_scale, temperature=temperature, nfe=nfe, seed=seed,
                                         max_seconds=max_seconds)
-                stats = speak(synth, text, reference, output, options, chunk_patches, quiet)
+                stats = speak(synth, text, reference, output, options, chunk_patches, quiet, ref_text)
     except USER_ERRORS as err:
         raise click.ClickException(_one_line(err)) from None
     except (Stopped, KeyboardInterrupt) as stop:
@@ -140,9 +142,9 @@ def check_output(output: str, reference: str) -> None:
 
 
 def speak(synth: Synthesizer, text: str, reference: str, output: str, options, chunk_patches: int,
-          quiet: bool) -> StreamStats:
+          quiet: bool, reference_text: str = "") -> StreamStats:
     """Encode the voice, then stream the speech into `output` (a file, or stdout)."""
-    voice = synth.voice(reference)
+    voice = synth.voice(reference, text=reference_text)
     if not quiet:
         _echo_err(f"backend: {synth.backend}; voice: {voice.seconds:.1f} s from {reference}")
     stats = StreamStats()

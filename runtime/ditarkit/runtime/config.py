@@ -11,12 +11,24 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEDULES = ("cosine_vp", "rectified_flow")
-TEXT_FRONTENDS = ("chars",)
+from ditarkit.runtime.contract import (
+    SCHEDULES,
+    AudioIO,
+    ConfigError,
+    CursorConfig,
+    LMShape,
+    ModelContract,
+    PatchTiming,
+    PromptLayout,
+    SamplerSpec,
+    StopRule,
+    TextSpec,
+    patches_in,
+)
 
+__all__ = ["ConfigError", "CursorConfig", "DiTARConfig", "patches_in", "preset"]
 
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent with another."""
+TEXT_FRONTENDS = ("chars",)  # the kit's models read characters
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class TextConfig:
     def vocab_size(self) -> int:
         return self.NUM_SPECIAL + len(self.symbols)
 
+    def spec(self) -> TextSpec:
+        """The runtime's view: which ids the symbols and the text's ends take."""
+        return TextSpec("chars", self.max_tokens, self.vocab_size, self.symbols, self.NUM_SPECIAL, self.BOS, self.EOS)
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
@@ -112,29 +128,7 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
-class CursorConfig:
-    """An explicit reading position: the LM input of every speech position also carries the
-    text around the character being spoken (`before` tokens before it, `after` after), and an
-    advance head on each LM output says how many characters the next patch moves on (0 to
-    `max_advance`). The LM no longer has to find its place in the text by attention alone,
-    which a small model trained on little data does not learn (FIELD-NOTES); the runtime
-    keeps the cursor, as ELLA-V and RALL-E keep the phoneme for decoder-only TTS."""
-
-    before: int = 2
-    after: int = 5
-    max_advance: int = 7
-
-    @property
-    def window(self) -> int:
-        return self.before + 1 + self.after
-
-    def validate(self) -> None:
-        if self.before < 0 or self.after < 0 or self.max_advance < 1:
-            raise ConfigError("cursor: before and after must be >= 0 and max_advance >= 1")
-
-
-@dataclass(frozen=True)
-class DiTARConfig:
+class DiTARConfig(PatchTiming):
     name: str = "custom"
     audio: AudioConfig = field(default_factory=AudioConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -158,19 +152,7 @@ class DiTARConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # -- derived sizes ---------------------------------------------------------------
-    @property
-    def patch_seconds(self) -> float:
-        return self.patch_size * self.audio.hop_length / self.audio.sample_rate
-
-    @property
-    def max_patches(self) -> int:
-        return patches_in(self.max_seconds, self.patch_seconds)
-
-    @property
-    def max_prompt_patches(self) -> int:
-        return patches_in(self.max_prompt_seconds, self.patch_seconds)
-
+    # -- derived sizes (and PatchTiming's) ----------------------------------------------
     @property
     def max_prefix(self) -> int:
         """LM positions before the first generated patch: text, prompt, speech-start."""
@@ -203,6 +185,26 @@ class DiTARConfig:
         if self.cursor is not None:
             self.cursor.validate()
 
+    def contract(self) -> ModelContract:
+        """What a runtime needs of this model: the bundle manifest's `model` section."""
+        audio, text, diffusion = self.audio, self.text, self.diffusion
+        return ModelContract(
+            family="ditar",
+            name=self.name,
+            audio=AudioIO(audio.sample_rate, audio.hop_length, audio.sample_rate, audio.hop_length,
+                          audio.latent_dim, self.vae.decoder_receptive_frames),
+            lm=LMShape(self.lm.dim, self.lm.layers, self.lm.kv_heads, self.lm.head_dim, cond_dim=self.lm.dim),
+            text=text.spec(),
+            sampler=SamplerSpec(diffusion.schedule, diffusion.nfe, diffusion.cfg_scale, diffusion.temperature),
+            stop=StopRule(self.stop_threshold),
+            prompt=PromptLayout(("text", "reference", text.SPEECH_START)),
+            patch_size=self.patch_size,
+            history_patches=self.history_patches,
+            max_seconds=self.max_seconds,
+            max_prompt_seconds=self.max_prompt_seconds,
+            cursor=self.cursor,
+        )
+
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,11 +234,6 @@ class DiTARConfig:
     @classmethod
     def from_json(cls, text: str) -> DiTARConfig:
         return cls.from_dict(json.loads(text))
-
-
-def patches_in(seconds: float, patch_seconds: float) -> int:
-    """Whole patches in a duration; the epsilon keeps 0.3 / 0.1 = 2.9999... at 3."""
-    return int(seconds / patch_seconds + 1e-9)
 
 
 def _tiny() -> DiTARConfig:

@@ -3,10 +3,14 @@
 Written once, on numpy arrays, and shared by every backend and by the PyTorch reference: a
 second copy of this arithmetic could only ever be a parity bug.
 
-Time runs from t = 1 (noise) to t = 0 (data) on a uniform grid of `nfe` steps. The network
-predicts the velocity v; each step turns (x_t, v) into estimates of x0 and eps, then moves
-to the next time with the forward process: x_s = alpha(s) x0 + sigma(s) eps (DDIM, which
-for these schedules is the exact Euler step of the probability-flow ODE).
+Time runs from t = 1 (noise) to t = 0 (data) on a grid of `nfe` steps (uniform, or VoxCPM's
+"sway" warp). The network predicts the velocity v; each step turns (x_t, v) into estimates of
+x0 and eps, then moves to the next time with the forward process: x_s = alpha(s) x0 +
+sigma(s) eps (DDIM, which for these schedules is the exact Euler step of the probability-flow
+ODE). Guidance is classifier-free, plain or CFG-zero* (VoxCPM's: the unconditional branch
+scaled by its projection on the conditional one, and the first steps with zero velocity).
+The guidance and grid functions take numpy arrays or torch tensors alike, so the fused
+sampler graph runs this arithmetic, not a copy of it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from ditarkit.runtime.contract import SamplerSpec
 
 # (x, t, cond, history) -> velocity; x (B, P, C), t (B,), cond (B, D), history (B, H*P, C)
 VelocityFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -62,21 +68,40 @@ def _sin(t):
     return angle.sin() if hasattr(angle, "sin") else np.sin(angle)
 
 
-def time_grid(nfe: int) -> np.ndarray:
-    """nfe + 1 times from 1 down to 0."""
-    return np.linspace(1.0, 0.0, nfe + 1)
+# CFG-zero*'s guard against a zero unconditional velocity (VoxCPM's value).
+ZERO_STAR_EPS = 1e-8
 
 
-def guided(velocity_pair: np.ndarray, cfg_scale: float) -> np.ndarray:
-    """Classifier-free guidance on a batch-2 output [cond, uncond]: (1 + w) c - w u."""
-    return (1.0 + cfg_scale) * velocity_pair[0] - cfg_scale * velocity_pair[1]
+def time_grid(nfe: int, sampler: SamplerSpec | None = None) -> np.ndarray:
+    """nfe + 1 times from 1 down to 0: uniform, or warped by "sway" toward t = 1 (s > 0 puts
+    more steps where the sample is still noise)."""
+    grid = np.linspace(1.0, 0.0, nfe + 1)
+    if sampler is not None and sampler.time_grid == "sway":
+        grid = grid + sampler.sway * (np.cos(np.pi / 2 * grid) - 1.0 + grid)
+    return grid
 
 
-def renoise_step(nfe: int, temperature: float) -> int:
+def zero_steps(nfe: int, sampler: SamplerSpec) -> int:
+    """Leading solver steps whose velocity is zero (CFG-zero*'s zero init; none otherwise)."""
+    if sampler.guidance != "cfg_zero_star" or sampler.zero_init_fraction <= 0:
+        return 0
+    return max(1, int((nfe + 1) * sampler.zero_init_fraction))
+
+
+def guided(velocity_pair, cfg_scale, guidance: str = "cfg"):
+    """Guidance on a batch-2 output [cond, uncond]: (1 + w) c - w u; with CFG-zero* the
+    unconditional branch is first scaled by st = <c, u> / |u|^2 (over the whole patch)."""
+    c, u = velocity_pair[0], velocity_pair[1]
+    if guidance == "cfg_zero_star":
+        u = u * ((c * u).sum() / ((u * u).sum() + ZERO_STAR_EPS))
+    return (1.0 + cfg_scale) * c - cfg_scale * u
+
+
+def renoise_step(nfe: int, temperature: float, sampler: SamplerSpec | None = None) -> int:
     """The temperature rule's step: the index i of the solver step t_i -> t_{i+1} with
     t_i > tau >= t_{i+1}, whose eps estimate is replaced by fresh noise; -1 for none (tau = 1
     starts from noise instead). Computed here once, for the numpy loop and the fused graph."""
-    grid = time_grid(nfe)
+    grid = time_grid(nfe, sampler)
     for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         if t > temperature >= s:
             return index
@@ -93,7 +118,7 @@ def sample_patch(
     cond: np.ndarray,  # (D,) LM output for this patch
     history: np.ndarray,  # (H*P, C) previous clean frames
     noise: np.ndarray,  # (2, P, C): [starting noise, noise that enters at tau]
-    schedule: Schedule,
+    sampler: SamplerSpec,
     nfe: int,
     cfg_scale: float,
     temperature: float,
@@ -105,14 +130,19 @@ def sample_patch(
     noise (re-noising the x0 estimate with the forward process). tau = 0 puts that noise at
     sigma(0) = 0, so the result is deterministic.
     """
+    schedule = Schedule(sampler.schedule)
     x = initial_state(noise, temperature)
-    enters = renoise_step(nfe, temperature)
+    enters = renoise_step(nfe, temperature, sampler)
     cond2 = np.stack([cond, np.zeros_like(cond)])  # (2, D): conditional, unconditional
     history2 = np.stack([history, history])  # (2, H*P, C): history kept in both branches
-    grid = time_grid(nfe)
+    grid = time_grid(nfe, sampler)
+    still = zero_steps(nfe, sampler)
     for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-        t_batch = np.full((2,), t, dtype=np.float32)
-        v = guided(velocity(np.stack([x, x]), t_batch, cond2, history2), cfg_scale)
+        if index < still:
+            v = np.zeros_like(x)
+        else:
+            t_batch = np.full((2,), t, dtype=np.float32)
+            v = guided(velocity(np.stack([x, x]), t_batch, cond2, history2), cfg_scale, sampler.guidance)
         x0, eps = schedule.estimate(x, v, float(t))
         if index == enters:
             eps = noise[1]

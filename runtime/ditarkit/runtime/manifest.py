@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from ditarkit.runtime import __version__
-from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_write
 
-FORMAT_VERSION = 2  # bumped when the graphs' contract changes; other versions are refused
+FORMAT_VERSION = 3  # bumped when the graphs' contract changes; other versions are refused
 MANIFEST_FILE = "manifest.json"
 
 # Graph names, which are also the ONNX file stems.
@@ -37,6 +37,7 @@ GRAPH_NAMES = (VAE_ENCODER, VAE_DECODER, TEXT_EMBEDDING, PATCH_ENCODER, LM, LOCD
 
 # The LM step's tensors: the runtimes bind its KV cache by these names.
 LM_EMBEDS = "embeds"
+LM_AUDIO_MASK = "audio_mask"  # models whose step depends on which rows are patches (contract.lm.audio_mask)
 LM_PAST_KEYS = "past_keys"
 LM_PAST_VALUES = "past_values"
 LM_POSITION = "position"
@@ -122,73 +123,76 @@ class GraphSpec:
                    {k: tuple(v) for k, v in data["dims"].items()}, data["file"], data["sha256"])
 
 
-def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
-    """Every graph's I/O: the `GRAPH_NAMES` every model has, and the text cursor's graph and
-    LM output where the config has one. Floating I/O is float32 at every precision (an fp16
-    bundle casts inside its graphs), so a runtime feeds the same arrays to any bundle."""
+def graph_signatures(cfg: ModelContract) -> dict[str, GraphSpec]:
+    """Every graph's I/O: the `GRAPH_NAMES` every model has, the text cursor's graph and LM
+    output where the model has one, the LM's audio mask where its step needs it. Floating I/O
+    is float32 at every precision (an fp16 bundle casts inside its graphs), so a runtime feeds
+    the same arrays to any bundle."""
     f32, i64 = "float32", "int64"
     c, p, hop = cfg.audio.latent_dim, cfg.patch_size, cfg.audio.hop_length
     lm = cfg.lm
     kv = (lm.layers, 1, lm.kv_heads, "capacity", lm.head_dim)  # (L, B=1, Hkv, slots, hd)
     new_kv = (lm.layers, 1, lm.kv_heads, "steps", lm.head_dim)
     max_frames = cfg.max_patches * p
-    stream_frames = cfg.vae.decoder_receptive_frames + p
+    stream_frames = cfg.audio.decoder_context_frames + p
     prompt_frames = cfg.max_prompt_patches * p
     max_positions = cfg.max_prefix + cfg.max_patches
     spec = GraphSpec
     advance = (TensorSpec(LM_ADVANCE_LOGITS, f32, (1, cfg.cursor.max_advance + 1)),) if cfg.cursor else ()
+    audio_mask = (TensorSpec(LM_AUDIO_MASK, f32, (1, "steps")),) if lm.audio_mask else ()  # 1 at patch rows
     graphs = {
         VAE_ENCODER: spec(
             VAE_ENCODER,
             (TensorSpec("audio", f32, (1, "samples")),),  # samples = frames * hop
             (TensorSpec("latents", f32, (1, "frames", c)),),
-            {"samples": (cfg.history_frames * hop, 5 * cfg.audio.sample_rate, prompt_frames * hop)},
+            {"samples": _span(cfg.history_frames * hop, 5 * cfg.audio.sample_rate, prompt_frames * hop)},
         ),
         VAE_DECODER: spec(
             VAE_DECODER,
             (TensorSpec("latents", f32, (1, "frames", c)),),
             (TensorSpec("audio", f32, (1, "samples")),),
-            {"frames": (1, stream_frames, max_frames + stream_frames)},
+            {"frames": _span(1, stream_frames, max_frames + stream_frames)},
         ),
         TEXT_EMBEDDING: spec(
             TEXT_EMBEDDING,
             (TensorSpec("ids", i64, ("tokens",)),),
             (TensorSpec("embeds", f32, ("tokens", lm.dim)),),
-            {"tokens": (1, 64, cfg.text.max_tokens)},
+            {"tokens": _span(1, 64, cfg.text.max_tokens)},
         ),
         PATCH_ENCODER: spec(
             PATCH_ENCODER,
             (TensorSpec("patches", f32, ("patches", p, c)),),
             (TensorSpec("vectors", f32, ("patches", lm.dim)),),
-            {"patches": (1, 1, cfg.max_prompt_patches)},
+            {"patches": _span(1, 1, cfg.max_prompt_patches)},
         ),
         LM: spec(
             LM,
             (
                 TensorSpec(LM_EMBEDS, f32, (1, "steps", lm.dim)),
+                *audio_mask,
                 TensorSpec(LM_PAST_KEYS, f32, kv),
                 TensorSpec(LM_PAST_VALUES, f32, kv),
                 TensorSpec(LM_POSITION, i64, (1,)),  # filled cache slots = first new position
             ),
             (
-                TensorSpec(LM_HIDDEN, f32, (1, lm.dim)),  # LM output at the last new position
+                TensorSpec(LM_HIDDEN, f32, (1, lm.cond_dim)),  # LocDiT's condition from the last new position
                 TensorSpec(LM_STOP_LOGIT, f32, (1,)),
                 TensorSpec(LM_NEW_KEYS, f32, new_kv),  # only the new slots: no input/output aliasing
                 TensorSpec(LM_NEW_VALUES, f32, new_kv),
                 *advance,  # at the last new position, like the stop logit
             ),
-            {"steps": (1, 1, cfg.max_prefix), "capacity": (1, max_positions // 2, max_positions)},
+            {"steps": _span(1, 1, cfg.max_prefix), "capacity": _span(1, max_positions // 2, max_positions)},
         ),
         LOCDIT: spec(
             LOCDIT,
             (
                 TensorSpec("x", f32, ("batch", p, c)),
                 TensorSpec("t", f32, ("batch",)),
-                TensorSpec("cond", f32, ("batch", lm.dim)),
+                TensorSpec("cond", f32, ("batch", lm.cond_dim)),
                 TensorSpec("history", f32, ("batch", cfg.history_frames, c)),
             ),
             (TensorSpec("velocity", f32, ("batch", p, c)),),
-            {"batch": (1, 2, 8)},  # 2 = both guidance branches in one call
+            {"batch": _span(1, 2, 8)},  # 2 = both guidance branches in one call
         ),
         LOCDIT_SAMPLER: spec(
             LOCDIT_SAMPLER,
@@ -197,7 +201,7 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
                 TensorSpec("renoise", f32, (p, c)),  # the noise that enters at tau
                 TensorSpec(SAMPLER_RENOISE_STEP, i64, (1,)),  # solver step it enters at; -1 = none
                 TensorSpec("cfg_scale", f32, (1,)),
-                TensorSpec("cond", f32, (lm.dim,)),
+                TensorSpec("cond", f32, (lm.cond_dim,)),
                 TensorSpec("history", f32, (cfg.history_frames, c)),
             ),
             (TensorSpec("patch", f32, (p, c)),),
@@ -209,12 +213,17 @@ def graph_signatures(cfg: DiTARConfig) -> dict[str, GraphSpec]:
             TEXT_CURSOR,
             (TensorSpec("ids", i64, ("tokens",)),),  # the whole text, BOS and EOS included
             (TensorSpec("cursor", f32, ("tokens", lm.dim)),),  # row i: added while text token i is spoken
-            {"tokens": (1, 64, cfg.text.max_tokens)},
+            {"tokens": _span(1, 64, cfg.text.max_tokens)},
         )
     return graphs
 
 
-def signature_digest(config: DiTARConfig, graph: GraphSpec) -> str:
+def _span(low: int, opt: int, high: int) -> tuple[int, int, int]:
+    """A dynamic dimension's (min, opt, max): the usual size, within what the model allows."""
+    return low, min(max(opt, low), high), high
+
+
+def signature_digest(config: ModelContract, graph: GraphSpec) -> str:
     """Identifies a graph's contract (model config + I/O); stamped into the ONNX file."""
     payload = json.dumps({"config": config.to_dict(), "graph": {**graph.to_dict(), "file": "", "sha256": ""}},
                          sort_keys=True)
@@ -223,7 +232,7 @@ def signature_digest(config: DiTARConfig, graph: GraphSpec) -> str:
 
 @dataclass
 class Manifest:
-    config: DiTARConfig
+    config: ModelContract  # written as "model"
     precision: str  # fp32, fp16, int8, fp8
     opset: int
     graphs: dict[str, GraphSpec]
@@ -234,7 +243,7 @@ class Manifest:
 
     @property
     def decoder_context_frames(self) -> int:
-        return self.config.vae.decoder_receptive_frames
+        return self.config.audio.decoder_context_frames
 
     def derived(self) -> dict[str, dict[str, Any]]:
         """The sections written for readers that do not know the config's layout. They repeat
@@ -258,7 +267,7 @@ class Manifest:
             "kit_version": self.kit_version,
             "precision": self.precision,
             "opset": self.opset,
-            "config": self.config.to_dict(),
+            "model": self.config.to_dict(),
             **self.derived(),
             "quantization": self.quantization,
             "source": self.source,
@@ -268,7 +277,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         return cls(
-            config=DiTARConfig.from_dict(data["config"]),
+            config=ModelContract.from_dict(data["model"]),
             precision=data["precision"],
             opset=data["opset"],
             graphs={n: GraphSpec.from_dict(n, g) for n, g in data["graphs"].items()},

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ditarkit.runtime.config import DiTARConfig
-from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step, sample_patch
+from ditarkit.runtime.contract import ModelContract
+from ditarkit.runtime.diffusion import initial_state, renoise_step, sample_patch
 from ditarkit.runtime.manifest import (
     LM,
+    LM_AUDIO_MASK,
     LM_EMBEDS,
     LM_PAST_KEYS,
     LM_PAST_VALUES,
@@ -49,7 +51,7 @@ class LMStep(NamedTuple):
 class Runner(Protocol):
     """What the sampler needs. Arrays are numpy float32 and batch-free unless stated."""
 
-    config: DiTARConfig
+    config: ModelContract
 
     def embed_text(self, ids: np.ndarray) -> np.ndarray: ...  # (T,) int64 -> (T, D)
 
@@ -59,8 +61,9 @@ class Runner(Protocol):
 
     def new_lm_state(self, capacity: int) -> Any: ...  # room for `capacity` positions
 
-    def lm_step(self, embeds: np.ndarray, state: Any) -> LMStep:
-        """(S, D) new positions -> the LM's outputs at the last one."""
+    def lm_step(self, embeds: np.ndarray, state: Any, audio_mask: np.ndarray | None = None) -> LMStep:
+        """(S, D) new positions -> the LM's outputs at the last one. `audio_mask` (S,) marks
+        the patch rows, for models whose step needs it (contract.lm.audio_mask)."""
         ...
 
     def velocity(
@@ -86,7 +89,7 @@ class KVCache:
     position: int = 0  # filled slots
 
     @classmethod
-    def empty(cls, config: DiTARConfig, capacity: int) -> KVCache:
+    def empty(cls, config: ModelContract, capacity: int) -> KVCache:
         lm = config.lm
         shape = (lm.layers, 1, lm.kv_heads, capacity, lm.head_dim)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
@@ -113,6 +116,18 @@ def room_for_background_decoding(threads: int) -> bool:
     return 2 * threads <= usable_cores()
 
 
+def lm_feeds(config: ModelContract, embeds: np.ndarray, audio_mask: np.ndarray | None,
+             cache: dict[str, Any]) -> dict[str, Any]:
+    """The LM step's inputs: the rows, their audio mask where the graph takes one (a model
+    that needs it and is not given it is a bug in the caller), and the backend's cache feeds."""
+    feeds = {LM_EMBEDS: embeds[None].astype(np.float32, copy=False), **cache}
+    if config.lm.audio_mask:
+        if audio_mask is None:
+            raise ValueError("this model's LM step needs the audio mask of its rows")
+        feeds[LM_AUDIO_MASK] = audio_mask[None].astype(np.float32, copy=False)
+    return feeds
+
+
 def lm_outputs(hidden: np.ndarray, stop: np.ndarray, advance: np.ndarray | None) -> LMStep:
     """The LM graph's host outputs (batch 1) as an `LMStep`; `advance` where the graph has it
     (the backends ask for the manifest's outputs, so it is there exactly with a cursor)."""
@@ -123,8 +138,9 @@ class GraphRunner:
     """The sampler's `Runner`, on top of a backend's `run(graph_name, feeds)`."""
 
     name: str = "graph"  # the backend's name, as reported to users
-    config: DiTARConfig
+    config: ModelContract
     specs: dict[str, GraphSpec]
+    bundle: Path | None = None  # the bundle folder, where the runner reads one (its tokenizer file)
     # One `locdit_sampler` call per patch when the NFE is the model's (the graph is unrolled
     # at it); otherwise, or when False, the numpy loop with one `locdit` call per step.
     fused_sampler: bool = True
@@ -155,11 +171,11 @@ class GraphRunner:
     def new_lm_state(self, capacity: int) -> KVCache:
         return KVCache.empty(self.config, capacity)
 
-    def lm_step(self, embeds: np.ndarray, state: KVCache) -> LMStep:
-        outputs = self._call(LM, **{
-            LM_EMBEDS: embeds[None].astype(np.float32, copy=False), LM_PAST_KEYS: state.keys,
-            LM_PAST_VALUES: state.values, LM_POSITION: np.array([state.position], np.int64),
-        })
+    def lm_step(self, embeds: np.ndarray, state: KVCache, audio_mask: np.ndarray | None = None) -> LMStep:
+        outputs = self._call(LM, **lm_feeds(self.config, embeds, audio_mask, {
+            LM_PAST_KEYS: state.keys, LM_PAST_VALUES: state.values,
+            LM_POSITION: np.array([state.position], np.int64),
+        }))
         hidden, stop, new_keys, new_values = outputs[:4]
         state.append(new_keys, new_values)
         return lm_outputs(hidden, stop, outputs[4] if len(outputs) > 4 else None)
@@ -169,17 +185,17 @@ class GraphRunner:
 
     def draw_patch(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
                    temperature: float) -> np.ndarray:
-        if self.fused_sampler and nfe == self.config.diffusion.nfe:
+        sampler = self.config.sampler
+        if self.fused_sampler and nfe == sampler.nfe:
             return self.run(LOCDIT_SAMPLER, self.sampler_feeds(cond, history, noise, nfe, cfg_scale, temperature))[0]
-        schedule = Schedule(self.config.diffusion.schedule)
-        return sample_patch(self.velocity, cond, history, noise, schedule, nfe, cfg_scale, temperature)
+        return sample_patch(self.velocity, cond, history, noise, sampler, nfe, cfg_scale, temperature)
 
     def sampler_feeds(self, cond: np.ndarray, history: np.ndarray, noise: np.ndarray, nfe: int, cfg_scale: float,
                       temperature: float) -> dict[str, np.ndarray]:
         """The fused sampler's inputs; the temperature rule is resolved here, in one place."""
         return self.specs[LOCDIT_SAMPLER].bind(**{
             "x_init": initial_state(noise, temperature), "renoise": noise[1],
-            SAMPLER_RENOISE_STEP: np.array([renoise_step(nfe, temperature)], np.int64),
+            SAMPLER_RENOISE_STEP: np.array([renoise_step(nfe, temperature, self.config.sampler)], np.int64),
             "cfg_scale": np.array([cfg_scale], np.float32), "cond": cond.astype(np.float32, copy=False),
             "history": history,
         })

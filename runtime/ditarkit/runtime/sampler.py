@@ -1,6 +1,8 @@
 """The patch loop: one LM step and one guided LocDiT solve per patch, until stop.
 
-With a text cursor (config.cursor) the loop also keeps the reading position: each LM input
+The LM prefix follows the model's prompt layout (contract.prompt): the kit's models read
+[BOS text EOS, reference patches, speech start], VoxCPM2 [103, reference, 104, text, 101].
+With a text cursor (contract.cursor) the loop also keeps the reading position: each LM input
 of the speech gets the cursor vector of the character being spoken, and after each patch
 the cursor moves on by the advance head's most likely count, never past the last character.
 
@@ -18,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ditarkit.runtime.config import DiTARConfig, patches_in
-from ditarkit.runtime.runner import Runner
+from ditarkit.runtime.contract import ModelContract, PromptLayout, patches_in
+from ditarkit.runtime.runner import LMStep, Runner
 
 # patch index -> (2, P, C) float32: [starting noise, noise that enters at tau]
 NoiseFn = Callable[[int], np.ndarray]
@@ -80,14 +82,14 @@ class GenerationOptions:
                 raise OptionsError(message)
 
     @classmethod
-    def from_config(cls, config: DiTARConfig, **overrides: Any) -> GenerationOptions:
+    def from_config(cls, config: ModelContract, **overrides: Any) -> GenerationOptions:
         """The model's own defaults, with any option given here taking precedence."""
         defaults = cls(
-            cfg_scale=config.diffusion.cfg_scale,
-            temperature=config.diffusion.temperature,
-            nfe=config.diffusion.nfe,
+            cfg_scale=config.sampler.cfg_scale,
+            temperature=config.sampler.temperature,
+            nfe=config.sampler.nfe,
             max_seconds=config.max_seconds,
-            stop_threshold=config.stop_threshold,
+            stop_threshold=config.stop.threshold,
         )
         return replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -110,7 +112,7 @@ def explicit_noise(noise: np.ndarray) -> NoiseFn:
     return lambda index: noise[index]
 
 
-def prompt_patches(latents: np.ndarray, config: DiTARConfig) -> np.ndarray:
+def prompt_patches(latents: np.ndarray, config: ModelContract) -> np.ndarray:
     """(F, C) reference latents -> (N, P, C), dropping the frames that do not fill a patch
     at the start (the end of the prompt is what the first generated patch continues)."""
     p = config.patch_size
@@ -127,39 +129,73 @@ def generate_patches(
     prompt_latents: np.ndarray,
     options: GenerationOptions,
     noise: NoiseFn | None = None,
+    reference_ids: list[int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield generated patches (P, C) one at a time, as soon as each is drawn. `text_ids`
-    are the frontend's: BOS, the characters, EOS."""
+    are the frontend's (the kit's: BOS, the characters, EOS); `reference_ids` the reference's
+    transcript, for layouts that read one apart from the text."""
     cfg = runner.config
     noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
     prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
     max_patches = max(1, min(cfg.max_patches, patches_in(options.max_seconds, cfg.patch_seconds)))
     ids = np.asarray(text_ids, dtype=np.int64)
     cursor = Cursor(runner.text_cursor(ids), len(ids) - 2) if cfg.cursor else None
-
-    start = runner.embed_text(np.asarray([cfg.text.SPEECH_START], dtype=np.int64))  # (1, D)
-    prefix = np.concatenate([
-        runner.embed_text(ids),  # (T, D)
-        runner.encode_patches(prompt),  # (Np, D)
-        start if cursor is None else start + cursor.vector(),
-    ])
+    prefix, audio_mask = prefix_rows(runner, cfg.prompt, ids, prompt, reference_ids)
+    if cursor is not None:
+        prefix[-1] += cursor.vector()[0]  # the speech start reads the first character
     state = runner.new_lm_state(prefix.shape[0] + max_patches)
-    step = runner.lm_step(prefix, state)
-    history = prompt[-cfg.history_patches :].reshape(cfg.history_frames, -1)  # (H*P, C)
+    step = runner.lm_step(prefix, state, audio_mask)
+    history = first_history(cfg, prompt).reshape(cfg.history_frames, -1)  # (H*P, C)
+    patch_row = np.ones(1, np.float32)  # the audio mask of one generated patch
     for index in range(max_patches):
         patch = runner.draw_patch(step.hidden, history, noise(index), options.nfe, options.cfg_scale,
                                   options.temperature)
         yield patch
-        if index + 1 == max_patches:
+        drawn = index + 1
+        if drawn == max_patches or (cfg.stop.draws_last and _stops(step, drawn, cfg, options)):
             return
         history = np.concatenate([history[cfg.patch_size :], patch])
         embeds = runner.encode_patches(patch[None])  # (1, D)
         if cursor is not None:
             cursor.advance(step.advance_logits)
             embeds = embeds + cursor.vector()
-        step = runner.lm_step(embeds, state)
-        if _sigmoid(step.stop_logit) > options.stop_threshold:  # speech ends after this patch
+        step = runner.lm_step(embeds, state, patch_row)
+        if not cfg.stop.draws_last and _stops(step, drawn, cfg, options):  # speech ends after this patch
             return
+
+
+def _stops(step: LMStep, drawn: int, cfg: ModelContract, options: GenerationOptions) -> bool:
+    return drawn >= cfg.stop.min_patches and _sigmoid(step.stop_logit) > options.stop_threshold
+
+
+def prefix_rows(runner: Runner, layout: PromptLayout, text_ids: np.ndarray, prompt: np.ndarray,
+                reference_ids: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The LM prefix of `layout`: (S, D) rows, and (S,) 1 at the reference's patch rows."""
+    rows, mask = [], []
+    for segment in layout.prefix:
+        if segment == "reference":
+            part = runner.encode_patches(prompt)
+        elif segment == "text":
+            part = runner.embed_text(text_ids)
+        elif segment == "reference_text":
+            if layout.joined_text:
+                continue  # already at the start of the text's ids
+            if not reference_ids:
+                raise ValueError("this model's prompt needs the reference's transcript")
+            part = runner.embed_text(np.asarray(reference_ids, np.int64))
+        else:
+            part = runner.embed_text(np.asarray([segment], np.int64))
+        rows.append(part)
+        mask.append(np.full(part.shape[0], segment == "reference", np.float32))
+    return np.concatenate(rows), np.concatenate(mask)
+
+
+def first_history(cfg: ModelContract, prompt: np.ndarray) -> np.ndarray:
+    """LocDiT's history for the first patch, (H, P, C): the reference's last patches, or with
+    "prefix_end" the patch at the prefix's last row, zeros where that row is a token."""
+    if cfg.prompt.history == "prefix_end" and cfg.prompt.prefix[-1] != "reference":
+        return np.zeros((cfg.history_patches, *prompt.shape[1:]), np.float32)
+    return prompt[-cfg.history_patches :]
 
 
 class Cursor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ditarkit.runtime.audio import prepare_reference, read_audio
-from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.defaults import default_bundle_dir
 from ditarkit.runtime.manifest import BundleError
 from ditarkit.runtime.runner import GraphRunner, RunnerClosed
@@ -33,7 +33,7 @@ from ditarkit.runtime.sampler import (
     generate_patches,
     seeded_noise,
 )
-from ditarkit.runtime.text import TextError, TextFrontend, split_sentences
+from ditarkit.runtime.text import TextError, text_frontend
 
 log = logging.getLogger("ditarkit")
 
@@ -48,7 +48,7 @@ class SynthesisError(RuntimeError):
     """The model produced audio that cannot be written (NaN or infinite samples)."""
 
 
-def check_options(options: GenerationOptions, config: DiTARConfig) -> GenerationOptions:
+def check_options(options: GenerationOptions, config: ModelContract) -> GenerationOptions:
     """The options for this model: GenerationOptions checked every range when it was built;
     max_seconds above the model's maximum is capped at it."""
     return replace(options, max_seconds=min(options.max_seconds, config.max_seconds))
@@ -61,6 +61,7 @@ class Voice:
     latents: np.ndarray  # (F, C)
     seconds: float
     source: str = "array"
+    text: str = ""  # what the reference says, for models that continue from it (VoxCPM v1)
 
 
 @dataclass
@@ -123,19 +124,23 @@ class StreamingDecoder:
     for. Chunks come out in order either way."""
 
     def __init__(self, runner: GraphRunner, max_chunk_patches: int = MAX_CHUNK_PATCHES,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, lead_in: np.ndarray | None = None) -> None:
+        """`lead_in` (F, C): frames that come before the speech and are not spoken again, the
+        reference's end where the speech continues it (VoxCPM v1): the first chunk then sounds
+        as the end of one decode of reference and speech."""
         if max_chunk_patches < 1:
             raise ValueError("max_chunk_patches must be >= 1")
         self.runner = runner
-        self.context = runner.config.vae.decoder_receptive_frames
-        self.hop = runner.config.audio.hop_length
+        self.context = runner.config.audio.decoder_context_frames
+        self.hop = runner.config.audio.output_hop_length
         self.patch_size = runner.config.patch_size
         self.max_chunk_patches = max_chunk_patches
         self.executor = executor
         self.chunk_patches = 1  # size of the next chunk
-        self.frames: list[np.ndarray] = []  # (C,) each
-        self.decoded = 0  # frames already handed to the decoder
+        self.frames: list[np.ndarray] = [] if lead_in is None else list(lead_in[-self.context :])  # (C,) each
+        self.decoded = len(self.frames)  # frames already handed to the decoder
         self.pending: deque[Future] = deque()  # chunks in order, decoded or being decoded
+        self._first = True  # the first chunk is decoded at once: the latency a listener waits for
 
     def push(self, patch: np.ndarray) -> list[np.ndarray]:
         """(P, C) new frames -> the chunks whose audio is now ready, in order (often none)."""
@@ -158,7 +163,8 @@ class StreamingDecoder:
         window = np.stack(self.frames[first:])  # context + new frames
         self.decoded = len(self.frames)
         skip = (start - first) * self.hop
-        if self.executor is None or start == 0:
+        first_chunk, self._first = self._first, False
+        if self.executor is None or first_chunk:
             done: Future = Future()
             done.set_result(self._decode(window, skip))
             self.pending.append(done)
@@ -231,12 +237,17 @@ class Synthesizer:
         self._decoder_thread = ThreadPoolExecutor(1, thread_name_prefix="ditar-vae") if background else None
         self.backend = runner.name
         self.config = runner.config
-        self.frontend = TextFrontend(self.config.text)
-        self.sample_rate = self.config.audio.sample_rate
+        self.frontend = text_frontend(self.config.text, runner.bundle)
+        self.sample_rate = self.config.audio.output_sample_rate
 
-    def voice(self, reference: str | Path | np.ndarray, sample_rate: int | None = None) -> Voice:
-        """Encode a reference voice from a file, or from an array (samples[, channels])."""
+    def voice(self, reference: str | Path | np.ndarray, sample_rate: int | None = None, text: str = "") -> Voice:
+        """Encode a reference voice from a file, or from an array (samples[, channels]).
+        `text` is what the reference says: required by models that continue from their
+        reference (the prompt layout reads its transcript), unused by the others."""
         self._check_open()
+        if self.config.prompt.needs_reference_text and not text.strip():
+            raise OptionsError("this model continues from its reference: give the reference's transcript "
+                               "(--ref-text)")
         if isinstance(reference, np.ndarray):
             if sample_rate is None:
                 raise ValueError("sample_rate is required with an array reference")
@@ -246,8 +257,9 @@ class Synthesizer:
             source = str(reference)
         cfg = self.config
         prepared = prepare_reference(audio, rate, cfg.audio.sample_rate, cfg.audio.hop_length,
-                                     cfg.max_prompt_seconds, source)
-        return Voice(self.runner.encode_audio(prepared), len(prepared) / cfg.audio.sample_rate, source)
+                                     cfg.max_prompt_seconds, source, fit=cfg.audio.reference_fit,
+                                     patch_size=cfg.patch_size)
+        return Voice(self.runner.encode_audio(prepared), len(prepared) / cfg.audio.sample_rate, source, text.strip())
 
     def options(self, **overrides) -> GenerationOptions:
         """The model's default options, with any given here taking precedence; every value
@@ -273,7 +285,7 @@ class Synthesizer:
         options = check_options(options or self.options(), self.config)
         if max_chunk_patches < 1:
             raise OptionsError(f"max_chunk_patches must be >= 1, got {max_chunk_patches}")
-        sentences, token_ids = self._encode_sentences(text)
+        sentences, token_ids = self._encode_sentences(text, voice)
         stats = stats if stats is not None else StreamStats()
         stats.sentences = sentences
         noise = noise or seeded_noise(options.seed, self.config.patch_size, self.config.audio.latent_dim)
@@ -283,10 +295,12 @@ class Synthesizer:
                   stats: StreamStats, on_patch: Callable[[int], None] | None,
                   max_chunk_patches: int) -> Iterator[np.ndarray]:
         start = time.perf_counter()
+        reference_ids = self._reference_ids(voice)
+        lead_in = voice.latents if self.config.prompt.continues_reference else None
         for ids in token_ids:
-            decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread)
+            decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread, lead_in)
             try:
-                for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
+                for patch in generate_patches(self.runner, ids, voice.latents, options, noise, reference_ids):
                     self._check_open()  # closed by another thread mid-stream
                     stats.patches += 1
                     if on_patch:
@@ -307,13 +321,16 @@ class Synthesizer:
             stats.first_chunk_seconds = stats.wall_seconds
         return chunk
 
-    def _encode_sentences(self, text: str) -> tuple[list[str], list[list[int]]]:
+    def _encode_sentences(self, text: str, voice: Voice) -> tuple[list[str], list[list[int]]]:
         """Sentences with something to say and their ids; a piece with nothing speakable
-        (an emoji between sentences) is skipped, text with nothing at all is refused."""
+        (an emoji between sentences) is skipped, text with nothing at all is refused. A
+        layout that reads the reference's transcript joined to the text gets it here."""
+        layout = self.config.prompt
+        joined = voice.text if layout.joined_text and layout.needs_reference_text else ""
         kept = []
-        for sentence in split_sentences(text):
+        for sentence in self.frontend.sentences(text):
             try:
-                kept.append((sentence, self.frontend.encode(sentence)))
+                kept.append((sentence, self.frontend.encode(sentence, prompt_text=joined)))
             except TextError as err:
                 if "no speakable" not in str(err):
                     raise
@@ -321,6 +338,15 @@ class Synthesizer:
             self.frontend.encode(text)  # raises the frontend's own reason
             raise TextError(f"no speakable characters in text {text[:40]!r}")
         return [s for s, _ in kept], [ids for _, ids in kept]
+
+    def _reference_ids(self, voice: Voice) -> list[int] | None:
+        """The transcript's own ids, for a layout that reads it apart from the text."""
+        layout = self.config.prompt
+        if not layout.needs_reference_text or layout.joined_text:
+            return None
+        if not voice.text:
+            raise OptionsError("this model continues from its reference: the voice needs its transcript")
+        return self.frontend.encode(voice.text)
 
     def synthesize(self, text: str, voice: Voice, options: GenerationOptions | None = None,
                    noise: NoiseFn | None = None) -> np.ndarray:

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ditarkit.runtime.config import TextConfig
+from ditarkit.runtime.contract import TextSpec
+
+if TYPE_CHECKING:
+    from ditarkit.runtime.tokenizer import TokenizerFrontend
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -129,19 +135,26 @@ def _strongest_mark(run: re.Match) -> str:
 
 
 class TextFrontend:
-    """Maps text to `[BOS] symbols... [EOS]` ids for the configured symbol set."""
+    """Maps text to `[BOS] symbols... [EOS]` ids for the configured symbol set (a model's
+    TextConfig in training, a bundle's TextSpec at run time)."""
 
-    def __init__(self, config: TextConfig) -> None:
-        self.config = config
-        self._ids = {s: i + config.NUM_SPECIAL for i, s in enumerate(config.symbols)}
+    def __init__(self, config: TextConfig | TextSpec) -> None:
+        self.config = config if isinstance(config, TextSpec) else config.spec()
+        self._ids = {s: i + self.config.first_symbol_id for i, s in enumerate(self.config.symbols)}
 
     def readable(self, text: str) -> str:
         """What the model reads: the normalised text, keeping only the model's symbols.
         Character i of it is token i + 1 of `encode` (after BOS)."""
         return "".join(c for c in normalize(text) if c in self._ids)
 
-    def encode(self, text: str) -> list[int]:
-        clean = self.readable(text)
+    def sentences(self, text: str) -> list[str]:
+        """The pieces one generation each speaks (normalised, split at sentence ends)."""
+        return split_sentences(text)
+
+    def encode(self, text: str, *, prompt_text: str = "") -> list[int]:
+        """`[BOS] symbols [EOS]` of the text, preceded by `prompt_text`'s symbols where given
+        (a reference's transcript, read as the start of the same text)."""
+        clean = self.readable(prompt_text + " " + text) if prompt_text else self.readable(text)
         if not any(c.isalnum() for c in clean):
             raise TextError(f"no speakable characters in text {text[:40]!r}")
         if len(clean) + 2 > self.config.max_tokens:
@@ -149,7 +162,7 @@ class TextFrontend:
                 f"text is {len(clean)} symbols, over the model's {self.config.max_tokens - 2}; "
                 "split it into sentences"
             )
-        return [self.config.BOS, *(self._ids[c] for c in clean), self.config.EOS]
+        return [self.config.bos, *(self._ids[c] for c in clean), self.config.eos]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
@@ -170,3 +183,15 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
         if sentence.strip():
             pieces.append(sentence.strip())
     return pieces
+
+
+def text_frontend(spec: TextSpec, bundle: Path | None) -> TextFrontend | TokenizerFrontend:
+    """The frontend a bundle's model reads with: characters, or the tokenizer file the bundle
+    carries (checked against its checksum in the manifest)."""
+    if spec.frontend == "chars":
+        return TextFrontend(spec)
+    if bundle is None:
+        raise TextError("this model reads with a tokenizer file, and no bundle folder holds one")
+    from ditarkit.runtime.tokenizer import TokenizerFrontend
+
+    return TokenizerFrontend.from_spec(spec, bundle)

@@ -12,12 +12,11 @@ import numpy as np
 import onnxruntime as ort
 
 from ditarkit.runtime.backends.cuda import Copy2D, cuda_copy2d, host_copy2d, insert_slots, load_cudart
-from ditarkit.runtime.config import DiTARConfig
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.machine import cpu_features, describe_features, saturates_u8s8
 from ditarkit.runtime.manifest import (
     LM,
     LM_ADVANCE_LOGITS,
-    LM_EMBEDS,
     LM_HIDDEN,
     LM_NEW_KEYS,
     LM_NEW_VALUES,
@@ -33,7 +32,9 @@ from ditarkit.runtime.manifest import (
 )
 from ditarkit.runtime.runner import (
     GraphRunner,
+    LMStep,
     RunnerClosed,
+    lm_feeds,
     lm_outputs,
     room_for_background_decoding,
     usable_cores,
@@ -65,7 +66,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 SINGLE_THREAD_BELOW_WIDTH = 1024
 
 
-def default_threads(config: DiTARConfig) -> int | None:
+def default_threads(config: ModelContract) -> int | None:
     """Intra-op threads when the user sets none: 1 for small models, else ORT's default."""
     return 1 if config.lm.dim < SINGLE_THREAD_BELOW_WIDTH else None
 
@@ -100,7 +101,7 @@ def default_providers() -> list[str]:
 
 
 def open_session(
-    bundle: Path, spec: GraphSpec, config: DiTARConfig, providers: list[str], options: ort.SessionOptions
+    bundle: Path, spec: GraphSpec, config: ModelContract, providers: list[str], options: ort.SessionOptions
 ) -> ort.InferenceSession:
     """Load one graph and refuse it unless it is the graph the manifest describes."""
     path = bundle / spec.file
@@ -131,6 +132,7 @@ class OrtRunner(GraphRunner):
         verify_files: bool = True,
     ) -> None:
         bundle = Path(bundle)
+        self.bundle = bundle
         self.manifest = load_manifest(bundle, verify_files=verify_files)
         self.config = self.manifest.config
         self.specs = self.manifest.graphs
@@ -197,14 +199,15 @@ class OrtIOBindingRunner(OrtRunner):
             raise RuntimeError(f"KV cache of {capacity} positions exceeds the bundle's {self._max_capacity}")
         return BoundKVCache(capacity)
 
-    def lm_step(self, embeds: np.ndarray, state: BoundKVCache) -> tuple[np.ndarray, float]:
+    def lm_step(self, embeds: np.ndarray, state: BoundKVCache, audio_mask: np.ndarray | None = None) -> LMStep:
         lm, steps = self.config.lm, embeds.shape[0]
         if state.position + steps > state.capacity:
             raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
         session = self.session(LM)
         binding = session.io_binding()
-        binding.bind_cpu_input(LM_EMBEDS, np.ascontiguousarray(embeds[None], np.float32))
-        binding.bind_cpu_input(LM_POSITION, np.array([state.position], np.int64))
+        host = lm_feeds(self.config, embeds, audio_mask, {LM_POSITION: np.array([state.position], np.int64)})
+        for name, array in host.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
         shape = [lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim]
         for name, cache in zip((LM_PAST_KEYS, LM_PAST_VALUES), self.kv):
             binding.bind_input(name, self.device, 0, np.float32, shape, cache.data_ptr())

@@ -25,7 +25,6 @@ from ditarkit.runtime.backends.cuda import check, cuda_copy2d, insert_slots, loa
 from ditarkit.runtime.manifest import (
     LM,
     LM_ADVANCE_LOGITS,
-    LM_EMBEDS,
     LM_HIDDEN,
     LM_NEW_KEYS,
     LM_NEW_VALUES,
@@ -40,7 +39,7 @@ from ditarkit.runtime.manifest import (
     Manifest,
     load_manifest,
 )
-from ditarkit.runtime.runner import GraphRunner, LMStep, RunnerClosed, lm_outputs
+from ditarkit.runtime.runner import GraphRunner, LMStep, RunnerClosed, lm_feeds, lm_outputs
 
 ENGINE_DIR = "engines"
 ENGINE_INDEX = "engines.json"
@@ -167,6 +166,7 @@ class TensorRTRunner(GraphRunner):
         import tensorrt as trt
 
         bundle = Path(bundle)
+        self.bundle = bundle
         self.manifest = load_manifest(bundle)
         self.config, self.specs = self.manifest.config, self.manifest.graphs
         self.cudart = load_cudart()
@@ -300,24 +300,24 @@ class TensorRTRunner(GraphRunner):
         """One synthesis at a time per runner: the state shares the runner's cache buffers."""
         return DeviceKVCache(*self.kv, capacity)
 
-    def lm_step(self, embeds: np.ndarray, state: DeviceKVCache) -> LMStep:
+    def lm_step(self, embeds: np.ndarray, state: DeviceKVCache, audio_mask: np.ndarray | None = None) -> LMStep:
         self._check_open()
         lm, io = self.config.lm, self.io[LM]
         steps = embeds.shape[0]
         if state.position + steps > state.capacity:
             raise RuntimeError(f"KV cache full: {state.position + steps} > {state.capacity}")
-        embeds = np.ascontiguousarray(embeds[None], np.float32)
-        position = np.array([state.position], np.int64)
-        self._upload(io[LM_EMBEDS], embeds)
-        self._upload(io[LM_POSITION], position)
+        host = lm_feeds(self.config, embeds, audio_mask, {LM_POSITION: np.array([state.position], np.int64)})
+        for name, array in host.items():
+            self._upload(io[name], np.ascontiguousarray(array))
         kv_shape = (lm.layers, 1, lm.kv_heads, state.capacity, lm.head_dim)
-        shapes = {LM_EMBEDS: embeds.shape, LM_PAST_KEYS: kv_shape, LM_PAST_VALUES: kv_shape, LM_POSITION: (1,)}
+        shapes = {**{name: array.shape for name, array in host.items()}, LM_PAST_KEYS: kv_shape,
+                  LM_PAST_VALUES: kv_shape}
         addresses = {k: b.ptr for k, b in io.items()}
         addresses.update({LM_PAST_KEYS: state.keys.ptr, LM_PAST_VALUES: state.values.ptr})
         self._execute(LM, shapes, addresses)
         for new, cache in ((LM_NEW_KEYS, state.keys), (LM_NEW_VALUES, state.values)):
             self._insert(io[new], cache, state, steps)
-        hidden = self._download(io[LM_HIDDEN], (1, lm.dim), np.float32)
+        hidden = self._download(io[LM_HIDDEN], (1, lm.cond_dim), np.float32)
         stop = self._download(io[LM_STOP_LOGIT], (1,), np.float32)
         advance = None
         if LM_ADVANCE_LOGITS in io:

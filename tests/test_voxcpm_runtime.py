@@ -1,0 +1,242 @@
+"""A VoxCPM checkpoint through `ditar-export --from-voxcpm` and the kit's one runtime loop,
+against the `voxcpm` package's own inference loop: same weights, same injected noise.
+
+Tiny random models of both architectures (tests/voxcpm_oracle.py); the package's `_inference`
+is the oracle for the patches (prompt layout, FSQ, residual LM, sway grid, CFG-zero*, the stop
+rule), its AudioVAE's decode for the waveform.
+"""
+
+from __future__ import annotations
+
+import inspect
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from voxcpm_oracle import build_package_model, tiny_config, write_checkpoint
+
+from ditarkit.export.cli import main as export_main
+from ditarkit.export.voxcpm.checkpoint import ARCHITECTURES, load_voxcpm
+from ditarkit.export.voxcpm.export import export_voxcpm, load_for_export
+from ditarkit.reference.runner import TorchRunner
+from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.manifest import load_manifest
+from ditarkit.runtime.sampler import GenerationOptions, explicit_noise, generate_patches
+from ditarkit.runtime.synthesizer import Synthesizer, Voice
+from ditarkit.runtime.text import TextError
+from ditarkit.runtime.tokenizer import TokenizerFrontend
+
+PROMPT_PATCHES, MAX_PATCHES, MAX_TOKENS = 4, 10, 12
+TEXT, REFERENCE_TEXT = "hello hello", "hell"
+# The kit's loop on the package's own modules (the same fp32 arithmetic reordered by the plain
+# attention): errors of ~1e-7 per graph carried through 10 patches of 10 solver steps.
+TORCH_ATOL = 1e-5
+# ONNX Runtime's fused kernels on top, on latents of magnitude ~3.
+ORT_ATOL = 5e-5
+# Audio in [-1, 1] (tanh) from those latents through the VAE decoder.
+AUDIO_ATOL = 5e-5
+
+
+def _limits(config: dict) -> dict:
+    """Tiny models' VAEs have hops of a few samples: limits in patches, said in seconds."""
+    hop = int(np.prod(config["audio_vae_config"]["encoder_rates"]))
+    patch_seconds = config["patch_size"] * hop / config["audio_vae_config"]["sample_rate"]
+    return {"max_tokens": MAX_TOKENS, "max_seconds": (MAX_PATCHES + 0.5) * patch_seconds,
+            "max_prompt_seconds": (PROMPT_PATCHES + 0.5) * patch_seconds}
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def checkpoint(request, tmp_path_factory):
+    architecture = request.param
+    config = tiny_config(architecture)
+    config["max_length"] = 64  # the LM positions the limits above need
+    root = tmp_path_factory.mktemp(architecture)
+    folder = write_checkpoint(root / "checkpoint", config, build_package_model(config, seed=3))
+    bundle = root / "bundle"
+    manifest, results = export_voxcpm(folder, bundle, **_limits(config))
+    return architecture, config, folder, bundle, manifest, results
+
+
+def test_every_graph_matches_the_package_modules_in_onnx_runtime(checkpoint):
+    architecture, _, _, bundle, manifest, results = checkpoint
+    assert manifest.config.family == architecture and (bundle / "tokenizer.json").is_file()
+    assert {r.graph for r in results} == set(manifest.graphs)
+    bad = [r for r in results if not r.ok]
+    assert not bad, bad
+    assert max(r.max_abs / r.scale for r in results) < 1e-5
+
+
+def _prompt(config: dict) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((PROMPT_PATCHES * config["patch_size"], config["feat_dim"])).astype(np.float32)
+
+
+def _noise(config: dict) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    return rng.standard_normal((MAX_PATCHES, 2, config["patch_size"], config["feat_dim"])).astype(np.float32)
+
+
+def _package_inputs(model, architecture: str, ids: list[int], prompt: np.ndarray, patch: int):
+    """The package's (text, text_mask, feat, feat_mask) as its generate lays them out: v1
+    continuation [transcript + text, 101, prompt], v2 reference mode [103, ref, 104, text, 101]."""
+    n = prompt.shape[0] // patch
+    patches = torch.from_numpy(prompt).reshape(n, patch, -1)
+    zeros = lambda k: torch.zeros(k, patch, prompt.shape[1])  # noqa: E731
+    if architecture == "voxcpm":
+        tokens = [*ids, model.audio_start_token] + [0] * n
+        feats = torch.cat([zeros(len(ids) + 1), patches])
+        is_text = [1] * (len(ids) + 1) + [0] * n
+    else:
+        tokens = [model.ref_audio_start_token] + [0] * n + [model.ref_audio_end_token, *ids, model.audio_start_token]
+        feats = torch.cat([zeros(1), patches, zeros(len(ids) + 2)])
+        is_text = [1] + [0] * n + [1] * (len(ids) + 2)
+    text_mask = torch.tensor([is_text], dtype=torch.int32)
+    return torch.tensor([tokens]), text_mask, feats[None], 1 - text_mask
+
+
+def package_patches(folder, architecture, ids, prompt, noise, patch) -> np.ndarray:
+    """The package's `_inference` with each patch's starting noise injected."""
+    model = load_voxcpm(folder)[0]
+    starts = iter(torch.from_numpy(np.ascontiguousarray(noise[:, 0].transpose(0, 2, 1)[:, None])))
+    inputs = _package_inputs(model, architecture, ids, prompt, patch)
+    with mock.patch("torch.randn", side_effect=lambda *a, **k: next(starts)[0][None]):
+        result = next(model._inference(*inputs, min_len=2, max_len=MAX_PATCHES, inference_timesteps=10,
+                                       cfg_value=2.0, streaming=False))
+    if architecture == "voxcpm":  # v1 returns its decode context (the prompt's last patches) first
+        context = min(inspect.signature(model._inference).parameters["streaming_prefix_len"].default - 1,
+                      prompt.shape[0] // patch)
+        return result[1][context:].numpy()
+    return result[1].numpy()
+
+
+def _kit_ids(bundle, contract, architecture) -> list[int]:
+    frontend = TokenizerFrontend.from_spec(contract.text, bundle)
+    return frontend.encode(TEXT, prompt_text=REFERENCE_TEXT if architecture == "voxcpm" else "")
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
+def test_the_runtime_loop_matches_the_package_inference(checkpoint, backend):
+    architecture, config, folder, bundle, manifest, _ = checkpoint
+    contract = manifest.config
+    if backend == "pytorch":
+        graphs, contract, _ = load_for_export(folder, **_limits(config))
+        runner, atol = TorchRunner.from_graphs(contract, graphs), TORCH_ATOL
+    else:
+        runner, atol = OrtRunner(bundle), ORT_ATOL
+    ids, prompt, noise = _kit_ids(bundle, contract, architecture), _prompt(config), _noise(config)
+    options = GenerationOptions.from_config(contract)
+    got = np.stack(list(generate_patches(runner, ids, prompt, options, explicit_noise(noise))))
+    want = package_patches(folder, architecture, ids, prompt, noise, config["patch_size"])
+    assert got.shape == want.shape, "the stop rule ended at another patch"
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+def test_streamed_audio_equals_the_package_decode_of_reference_and_speech(checkpoint):
+    architecture, config, folder, bundle, manifest, _ = checkpoint
+    contract = manifest.config
+    prompt, noise = _prompt(config), _noise(config)
+    synth = Synthesizer(bundle)
+    voice = Voice(prompt, 0.0, "array", REFERENCE_TEXT if architecture == "voxcpm" else "")
+    chunks = list(synth.stream(TEXT, voice, noise=explicit_noise(noise), max_chunk_patches=1))
+    ids = _kit_ids(bundle, contract, architecture)
+    patches = package_patches(folder, architecture, ids, prompt, noise, config["patch_size"])
+    speech = patches.reshape(-1, patches.shape[-1])
+    model = load_voxcpm(folder)[0]
+    lead = prompt if contract.prompt.continues_reference else prompt[:0]
+    latents = torch.from_numpy(np.concatenate([lead, speech]).T[None].copy())
+    with torch.no_grad():
+        want = model.audio_vae.decode(latents)[0, 0].numpy()[len(lead) * contract.audio.output_hop_length:]
+    got = np.concatenate(chunks)
+    assert len(chunks) == len(patches) and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=AUDIO_ATOL, rtol=0)
+    assert synth.sample_rate == config["audio_vae_config"].get("out_sample_rate", 16000)
+
+
+def test_continuation_needs_the_reference_transcript(checkpoint):
+    architecture, config, _, bundle, _, _ = checkpoint
+    synth = Synthesizer(bundle)
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    if architecture == "voxcpm":
+        with pytest.raises(ValueError, match="--ref-text"):
+            synth.voice(audio, 16000)
+    else:
+        assert synth.voice(audio, 16000).latents.shape[1] == config["feat_dim"]
+
+
+def test_text_over_the_limit_is_refused_in_one_line(checkpoint):
+    _, _, _, bundle, _, _ = checkpoint
+    synth = Synthesizer(bundle)
+    voice = Voice(np.zeros((8, 8), np.float32), 0.0, "array", REFERENCE_TEXT)
+    with pytest.raises(TextError, match="tokens, over the model's"):
+        synth.synthesize("hello " * 40, voice)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing folder", "no such directory"),
+    ("unknown architecture", "architecture"),
+    ("truncated weights", "model.safetensors"),
+])
+def test_export_refuses_bad_checkpoints_in_one_line_and_writes_nothing(checkpoint, tmp_path, case, expected):
+    import json
+    import shutil
+
+    _, _, folder, _, _, _ = checkpoint
+    broken = tmp_path / "ckpt"
+    if case != "missing folder":
+        shutil.copytree(folder, broken)
+    if case == "unknown architecture":
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "architecture": "voxcpm9"}))
+    elif case == "truncated weights":
+        data = (broken / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(export_main, ["--from-voxcpm", str(broken), "--out", str(out), "--no-trt"])
+    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("Error:") and expected in message[0], result.output
+    assert not out.exists()
+
+
+def test_old_bundles_are_refused_in_one_line(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    _, _, _, bundle, _, _ = checkpoint
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    data = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**data, "format_version": 2}))
+    with pytest.raises(Exception, match="re-export it"):
+        load_manifest(old)
+
+
+def test_ditar_run_speaks_a_voxcpm_bundle_and_asks_v1_for_the_transcript(checkpoint, tmp_path):
+    import soundfile as sf
+    from conftest import speech_like
+
+    from ditarkit.runtime.cli import main as run_main
+
+    architecture, config, _, bundle, manifest, _ = checkpoint
+    reference = tmp_path / "ref.wav"
+    sf.write(reference, speech_like(2.0, 16000), 16000)
+    out = tmp_path / "out.wav"
+    args = ["--bundle", str(bundle), "--text", TEXT, "--ref", str(reference), "-o", str(out), "-q"]
+    if architecture == "voxcpm":
+        refused = CliRunner().invoke(run_main, args)
+        assert refused.exit_code == 1 and "--ref-text" in refused.output and not out.exists()
+        assert len(refused.output.strip().splitlines()) == 1
+        args += ["--ref-text", REFERENCE_TEXT]
+    result = CliRunner().invoke(run_main, args)
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out)
+    assert rate == manifest.config.audio.output_sample_rate and len(audio) > 0
+    assert len(audio) % (manifest.config.patch_size * manifest.config.audio.output_hop_length) == 0
+
+
+def test_an_fp16_bundle_keeps_parity_with_the_package(checkpoint, tmp_path):
+    _, config, folder, _, _, _ = checkpoint
+    manifest, results = export_voxcpm(folder, tmp_path / "fp16", fp16=True, **_limits(config))
+    assert manifest.precision == "fp16" and results and all(r.ok for r in results), [r for r in results if not r.ok]
