@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from voxcpm_oracle import build_package_model, tiny_config, write_checkpoint
 
 from ditarkit.export.cli import main as export_main
+from ditarkit.export.parity import QUANTIZER_TOLERANCE, TOLERANCE
 from ditarkit.export.voxcpm.checkpoint import ARCHITECTURES, load_voxcpm
 from ditarkit.export.voxcpm.export import export_voxcpm, load_for_export
 from ditarkit.reference.runner import TorchRunner
@@ -240,3 +241,32 @@ def test_an_fp16_bundle_keeps_parity_with_the_package(checkpoint, tmp_path):
     _, config, folder, _, _, _ = checkpoint
     manifest, results = export_voxcpm(folder, tmp_path / "fp16", fp16=True, **_limits(config))
     assert manifest.precision == "fp16" and results and all(r.ok for r in results), [r for r in results if not r.ok]
+    # Only the LM step holds the FSQ, whose level jumps earn it the wider limit.
+    assert {r.graph for r in results if r.tolerance == QUANTIZER_TOLERANCE["fp16"]} == {"lm"}
+    assert all(r.tolerance == TOLERANCE["fp16"] for r in results if r.graph != "lm")
+
+
+def test_a_graph_past_the_size_limit_keeps_its_weights_in_a_checksummed_file(checkpoint, tmp_path, monkeypatch):
+    """Graphs whose weights pass 2 GiB (VoxCPM 1.5 and VoxCPM2 LMs in fp32) are written as ONNX
+    external data; the limit is lowered here so a tiny model takes that path."""
+    from ditarkit.export import onnx_export
+    from ditarkit.runtime.manifest import BundleError
+
+    _, config, folder, bundle, _, _ = checkpoint
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 4096)
+    manifest, results = export_voxcpm(folder, tmp_path / "big", **_limits(config))
+    lm = manifest.graphs["lm"]
+    assert lm.data_file == "lm.onnx.data" and (tmp_path / "big" / lm.data_file).stat().st_size > 4096
+    assert all(r.ok for r in results)
+    assert load_manifest(tmp_path / "big").graphs["lm"] == lm
+    noise = explicit_noise(_noise(config))
+    ids, prompt = _kit_ids(tmp_path / "big", manifest.config, manifest.config.family), _prompt(config)
+    options = GenerationOptions.from_config(manifest.config)
+    big = list(generate_patches(OrtRunner(tmp_path / "big"), ids, prompt, options, noise))
+    small = list(generate_patches(OrtRunner(bundle), ids, prompt, options, explicit_noise(_noise(config))))
+    np.testing.assert_array_equal(np.stack(big), np.stack(small))
+    data = tmp_path / "big" / lm.data_file
+    raw = data.read_bytes()
+    data.write_bytes(raw[:-4] + bytes(b ^ 0xFF for b in raw[-4:]))  # the last weight, corrupted
+    with pytest.raises(BundleError, match="lm.onnx.data does not match its checksum"):
+        load_manifest(tmp_path / "big")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import GRAPH_MODULES
 from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_dir
-from ditarkit.runtime.manifest import Manifest, file_sha256, graph_signatures, signature_digest
+from ditarkit.runtime.manifest import Manifest, graph_signatures, signature_digest, with_files
 
 Log = Callable[[str], None]
 
@@ -60,9 +59,9 @@ def write_bundle(
         exported = {}
         for index, (name, spec) in enumerate(specs.items(), 1):
             log(f"[{index}/{len(specs)}] exporting {name} ({precision}, opset {opset})")
-            path = export_graph(graphs[name], spec, staging / f"{name}.onnx", opset, fp16,
-                                signature_digest(contract, spec), contract)
-            exported[name] = replace(spec, file=path.name, sha256=file_sha256(path))
+            saved = export_graph(graphs[name], spec, staging / f"{name}.onnx", opset, fp16,
+                                 signature_digest(contract, spec), contract)
+            exported[name] = with_files(spec, saved.path, saved.data)
         manifest = Manifest(contract, precision, opset, exported, source=source or {})
         manifest.save(staging)
         return manifest

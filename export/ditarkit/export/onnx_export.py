@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -22,6 +24,9 @@ from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.manifest import GraphSpec
 
 DEFAULT_OPSET = 17
+# A graph whose weights pass this keeps them in an external file: protobuf's hard limit is
+# 2 GiB for the whole message, and the graph around the weights needs some of it.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 # fp16 keeps these in fp32: norms, softmax and reductions overflow in fp16, and rotary and
 # time-embedding angles lose their fractional part (FIELD-NOTES: NaN audio from fp16 DiTs).
@@ -35,8 +40,9 @@ FP32_SCOPES = ("norm", "rotary", "time_embed", "solver", "fsq")
 
 
 def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, path: Path, opset: int, fp16: bool, signature: str,
-                 contract: ModelContract) -> Path:
-    """Trace one graph's module at its optimal shapes with the manifest's dynamic dimensions."""
+                 contract: ModelContract) -> GraphFiles:
+    """Trace one graph's module at its optimal shapes with the manifest's dynamic dimensions;
+    a graph whose weights pass `EXTERNAL_DATA_BYTES` keeps them in `<file>.data` beside it."""
     wrapper = wrapper.eval()
     feeds = example_inputs(spec, dims_at(spec, 1, contract.audio.hop_length), vocab=contract.text.vocab_size)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
@@ -44,14 +50,16 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, path: Path, opset: i
         t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
         for t in (*spec.inputs, *spec.outputs)
     }
-    with warnings.catch_warnings():
+    # Traced into a folder of its own: past 2 GiB torch writes one external file per tensor.
+    with tempfile.TemporaryDirectory(dir=path.parent) as traced, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints from shapes
+        traced_path = Path(traced) / path.name
         torch.onnx.export(
-            wrapper, args, str(path), dynamo=False, opset_version=opset,
+            wrapper, args, str(traced_path), dynamo=False, opset_version=opset,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_axes=dynamic_axes, do_constant_folding=True,
         )
-    graph = onnx.load(str(path))
+        graph = onnx.load(str(traced_path))  # with any external data
     graph = _fold_constants(graph)
     if fp16:
         graph = to_mixed_fp16(graph)
@@ -61,9 +69,34 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, path: Path, opset: i
     share_equal_initializers(graph)
     declare_io_shapes(graph, spec)
     stamp(graph, signature)
-    onnx.checker.check_model(graph, full_check=True)
-    onnx.save(graph, str(path))
-    return path
+    return save_graph(graph, path)
+
+
+@dataclass(frozen=True)
+class GraphFiles:
+    path: Path
+    data: Path | None = None  # the weights' file, where they are kept outside the graph
+
+
+def weight_bytes(graph: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers (ByteSize() of the whole proto is what protobuf cannot
+    serialise past 2 GiB; the weights are nearly all of it)."""
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+
+
+def save_graph(graph: onnx.ModelProto, path: Path) -> GraphFiles:
+    """Check and write a graph; its weights go to `<name>.data` when they pass
+    EXTERNAL_DATA_BYTES (protobuf refuses messages over 2 GiB, and the checker must then read
+    the saved file, not the message)."""
+    if weight_bytes(graph) <= EXTERNAL_DATA_BYTES:
+        onnx.checker.check_model(graph, full_check=True)
+        onnx.save(graph, str(path))
+        return GraphFiles(path)
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    onnx.checker.check_model(str(path), full_check=True)
+    return GraphFiles(path, data)
 
 
 def _fold_constants(graph: onnx.ModelProto) -> onnx.ModelProto:
@@ -84,11 +117,16 @@ def to_mixed_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
 
     keep = [n.name for n in graph.graph.node if any(scope in n.name.lower() for scope in FP32_SCOPES)]
     _detach_outputs(graph, set(keep))
+    large = weight_bytes(graph) > EXTERNAL_DATA_BYTES
+    if large:  # onnx's own shape inference cannot take it; Polygraphy's goes through a file
+        from polygraphy.backend.onnx import infer_shapes
+
+        graph = infer_shapes(graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notes on clamping tiny constants to fp16 range
         graph = convert_float_to_float16(
             graph, keep_io_types=True, op_block_list=FP32_OP_TYPES, node_block_list=keep,
-            disable_shape_infer=False,
+            disable_shape_infer=large,
         )
     return remove_fp16_round_trips(graph)
 

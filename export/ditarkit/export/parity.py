@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ditarkit.export.inputs import dims_at, example_inputs
 from ditarkit.reference.model import DiTAR
@@ -22,6 +23,12 @@ from ditarkit.runtime.runner import GraphRunner
 # fp32: reordered fp32 arithmetic in ORT's fused kernels stays far below 1e-4.
 # fp16: 10-bit mantissas (~1e-3 per op), accumulated over a few layers.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# A graph with a scalar quantizer (VoxCPM's FSQ in its LM step rounds tanh(x) * 9): where an
+# fp16 error puts a value across a level boundary it moves a whole level (1/9), and the layers
+# after it carry that; the package's own bf16 inference moves levels the same way. Such fp16
+# graphs are held to a fraction of one level at the output scale instead.
+QUANTIZER_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-1}
+QUANTIZER_SCOPE = "fsq"
 POINTS = ("min", "opt", "max", "edges")
 
 
@@ -77,14 +84,20 @@ def check_graphs(reference: GraphRunner, bundle: str | Path, precision: str, see
     deployed = OrtRunner(bundle)
     results = []
     for name, spec in deployed.specs.items():
+        limit = (QUANTIZER_TOLERANCE if _has_quantizer(Path(bundle) / spec.file) else TOLERANCE)[precision]
         for point in POINTS:
             feeds = parity_inputs(deployed, name, point, seed)
             want, got = reference.run(name, feeds), deployed.run(name, feeds)
             for tensor, a, b in zip(spec.outputs, want, got):
                 error = float(np.abs(a.astype(np.float64) - b).max()) if np.isfinite(b).all() else float("inf")
                 scale = max(1.0, float(np.abs(a).max()))
-                results.append(ParityResult(name, tensor.name, point, error, scale, TOLERANCE[precision]))
+                results.append(ParityResult(name, tensor.name, point, error, scale, limit))
     return results
+
+
+def _has_quantizer(path: Path) -> bool:
+    graph = onnx.load(str(path), load_external_data=False)
+    return any(QUANTIZER_SCOPE in node.name.lower() for node in graph.graph.node)
 
 
 def format_table(results: list[ParityResult]) -> str:

@@ -8,6 +8,7 @@ the manifest back and address tensors only through it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -77,6 +78,8 @@ class GraphSpec:
     dims: dict[str, tuple[int, int, int]]  # dynamic dimension -> (min, opt, max)
     file: str = ""
     sha256: str = ""
+    data_file: str = ""  # the weights' file beside a graph too large for one (ONNX external data)
+    data_sha256: str = ""
 
     @property
     def input_names(self) -> list[str]:
@@ -113,14 +116,21 @@ class GraphSpec:
 
     def to_dict(self) -> dict[str, Any]:
         tensors = lambda ts: [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]  # noqa: E731
-        return {"file": self.file, "sha256": self.sha256, "inputs": tensors(self.inputs),
+        data = {"data_file": self.data_file, "data_sha256": self.data_sha256} if self.data_file else {}
+        return {"file": self.file, "sha256": self.sha256, **data, "inputs": tensors(self.inputs),
                 "outputs": tensors(self.outputs), "dims": {k: list(v) for k, v in self.dims.items()}}
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> GraphSpec:
         tensors = lambda ts: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in ts)  # noqa: E731
         return cls(name, tensors(data["inputs"]), tensors(data["outputs"]),
-                   {k: tuple(v) for k, v in data["dims"].items()}, data["file"], data["sha256"])
+                   {k: tuple(v) for k, v in data["dims"].items()}, data["file"], data["sha256"],
+                   data.get("data_file", ""), data.get("data_sha256", ""))
+
+    @property
+    def files(self) -> list[str]:
+        """The bundle's files of this graph: the ONNX file, and its weights' file if apart."""
+        return [self.file, self.data_file] if self.data_file else [self.file]
 
 
 def graph_signatures(cfg: ModelContract) -> dict[str, GraphSpec]:
@@ -224,9 +234,10 @@ def _span(low: int, opt: int, high: int) -> tuple[int, int, int]:
 
 
 def signature_digest(config: ModelContract, graph: GraphSpec) -> str:
-    """Identifies a graph's contract (model config + I/O); stamped into the ONNX file."""
-    payload = json.dumps({"config": config.to_dict(), "graph": {**graph.to_dict(), "file": "", "sha256": ""}},
-                         sort_keys=True)
+    """Identifies a graph's contract (model contract + I/O, not where its files are); stamped
+    into the ONNX file."""
+    contract = dataclasses.replace(graph, file="", sha256="", data_file="", data_sha256="").to_dict()
+    payload = json.dumps({"config": config.to_dict(), "graph": contract}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -345,8 +356,17 @@ def check_derived(data: Mapping[str, Any], manifest: Manifest, path: Path) -> No
 
 
 def verify_graph_file(bundle: Path, graph: GraphSpec) -> None:
-    path = bundle / graph.file
-    if not path.is_file():
-        raise BundleError(f"{path} is missing from the bundle")
-    if file_sha256(path) != graph.sha256:
-        raise BundleError(f"{path} does not match its checksum in the manifest (corrupt or edited)")
+    for name, digest in ((graph.file, graph.sha256), (graph.data_file, graph.data_sha256)):
+        if not name:
+            continue
+        path = bundle / name
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle")
+        if file_sha256(path) != digest:
+            raise BundleError(f"{path} does not match its checksum in the manifest (corrupt or edited)")
+
+
+def with_files(spec: GraphSpec, path: Path, data: Path | None = None) -> GraphSpec:
+    """The spec of a graph written to `path` (and its weights to `data`), with checksums."""
+    return dataclasses.replace(spec, file=path.name, sha256=file_sha256(path), data_file=data.name if data else "",
+                               data_sha256=file_sha256(data) if data else "")

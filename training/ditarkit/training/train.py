@@ -354,8 +354,26 @@ def train_ditar(args) -> None:
     log(f"ditar: {len(batches.items)} training utterances, {len(probe)} probe, loss options {options}")
     model.train()
     model.vae.eval()
-    stage.run(lambda: train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options),
-              args.minutes, args.steps, evaluate=evaluate, evaluate_every=args.metrics_every)
+    precision = training_precision(args.precision, args.device)
+    kept = " (autocast; weights, optimizer and losses stay fp32)" if precision != "fp32" else ""
+    log(f"ditar: {precision} matmuls{kept}")
+
+    def step() -> dict[str, float]:
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options)
+
+    stage.run(step, args.minutes, args.steps, evaluate=evaluate, evaluate_every=args.metrics_every)
+
+
+def training_precision(choice: str, device: str) -> str:
+    """bf16 autocast where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with
+    AMX or AVX-512 BF16, where it makes a step markedly faster), else fp32."""
+    if choice != "auto":
+        return choice
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "bf16" if any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")) else "fp32"
 
 
 # --------------------------------------------------------------------------------------
@@ -402,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a new model's LocDiT history attention (default: the preset's)")
     parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
                         "shipped default voice), instead of the VAE stage's")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="DiTAR stage matmuls: auto = bf16 autocast where the CPU or GPU has native bf16")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="ship: checkpoint folder (default: the embedded default voice)")
