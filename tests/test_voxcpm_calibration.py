@@ -43,7 +43,7 @@ from ditarkit.runtime.manifest import (
 from ditarkit.runtime.sampler import exact_length
 from ditarkit.runtime.synthesizer import Synthesizer
 
-MAX_TOKENS, PROMPT_PATCHES, MAX_PATCHES = 12, 4, 10
+MAX_TOKENS, MAX_PATCHES = 12, 10
 REFERENCE_TEXT = "hell"  # what the v1 reference "says": read before every text
 # Short lines of the tiny tokenizer's words: within 12 tokens with the transcript joined.
 TEXTS = ("hello hello", "he hello", "hello, hell", "hell hello", "hello he", "oh hello", "hello you", "he he")
@@ -57,14 +57,18 @@ FP32_OPS = ("Softmax", "Round", "Tanh", "Sin", "Cos", "ReduceMean", "Sqrt")
 FP32_NAMES = ("norm", "rotary", "/fsq_layer/")
 
 
+REFERENCE_SECONDS = 1.2  # the calibration voice and the prompt's limit
+ROOMY_POSITIONS = 8192  # a 1.2 s prompt at the tiny VAEs' hops, the text and the speech
+
+
 def _limits(config: dict) -> dict:
-    """The tiny VAEs' hops are a few samples: limits in patches, said in seconds. The prompt's
-    limit is whole patches: `prepare_reference` keeps the last max_prompt_seconds in whole hops
-    and then pads to a whole patch, so 4.5 patches would become 5, past the graphs' ranges."""
+    """The tiny VAEs' hops are a few samples: the speech's limit in patches, said in seconds. The
+    prompt holds the whole reference: a v1 model reads its transcript, so a reference is not
+    cut to fit (thousands of patches at these hops: the LM's position table is widened)."""
     hop = int(np.prod(config["audio_vae_config"]["encoder_rates"]))
     patch_seconds = config["patch_size"] * hop / config["audio_vae_config"]["sample_rate"]
     return {"max_tokens": MAX_TOKENS, "max_seconds": (MAX_PATCHES + 0.5) * patch_seconds,
-            "max_prompt_seconds": PROMPT_PATCHES * patch_seconds}
+            "max_prompt_seconds": REFERENCE_SECONDS}
 
 
 def _ref_text_args(bundle) -> list[str]:
@@ -75,13 +79,13 @@ def _ref_text_args(bundle) -> list[str]:
 def calibrated(request, tmp_path_factory):
     architecture = request.param
     config = tiny_config(architecture)
-    config["max_length"] = 64
+    config["max_length"] = config["lm_config"]["max_position_embeddings"] = ROOMY_POSITIONS
     root = tmp_path_factory.mktemp(f"calibrate-{architecture}")
     folder = write_checkpoint(root / "checkpoint", config, build_package_model(config, seed=5))
     fp32 = root / "fp32"
     export_voxcpm(folder, fp32, parity=False, **_limits(config))
     voice = root / "voice.wav"
-    sf.write(voice, speech_like(1.0, 16_000), 16_000)
+    sf.write(voice, speech_like(REFERENCE_SECONDS - 0.1, 16_000), 16_000)
     texts = root / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n")
     int8, acts = root / "int8", root / "acts.npz"

@@ -9,16 +9,17 @@ whole run, so memory stays bounded however much text is spoken.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ditarkit.runtime.backends.onnxrt import OrtRunner
+from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.manifest import LM, LM_PAST_KEYS, LM_PAST_VALUES, LM_POSITION, LOCDIT_SAMPLER, GraphSpec, Manifest
-from ditarkit.runtime.synthesizer import Synthesizer
+from ditarkit.runtime.synthesizer import Synthesizer, Voice
 
 Feeds = dict[str, np.ndarray]
 Log = Callable[[str], None]
@@ -31,6 +32,28 @@ class CalibrationError(ValueError):
 def require_fp32(manifest: Manifest, bundle: str | Path) -> None:
     if manifest.precision != "fp32":
         raise CalibrationError(f"{bundle} is a {manifest.precision} bundle: calibrate from an fp32 bundle")
+
+
+def transcripts(config: ModelContract, references: Sequence[object], texts: Sequence[str] | None) -> list[str]:
+    """One transcript per reference ("" each where none are given). A model whose prompt
+    reads the reference's transcript (VoxCPM v1 continues from its reference) needs one for
+    every reference, in the same order."""
+    texts = [t.strip() for t in texts] if texts else []
+    if texts and len(texts) != len(references):
+        raise CalibrationError(f"{len(texts)} --ref-text for {len(references)} --ref: give one transcript per "
+                               "reference, in the same order")
+    if config.prompt.needs_reference_text and (not texts or not all(texts)):
+        raise CalibrationError("this model continues from its reference: give each --ref its transcript "
+                               "with --ref-text, in the same order")
+    return texts or [""] * len(references)
+
+
+def reference_voices(synth: Synthesizer, references: Sequence[str | Path],
+                     texts: Sequence[str] | None = None) -> list[Voice]:
+    """The references encoded by `synth`, each with its transcript."""
+    return [synth.voice(str(r), text=t) for r, t in zip(references, transcripts(synth.config, references, texts))]
+
+
 PER_GRAPH = 48  # feeds kept per graph: enough for MinMax ranges, small enough for memory
 
 
@@ -129,13 +152,15 @@ def record(
     seed: int = 0,
     max_seconds: float | None = None,
     log: Log = lambda _msg: None,
+    reference_texts: Sequence[str] | None = None,
 ) -> Recording:
-    """Speak each text with the references in turn through the fp32 bundle; keep the feeds."""
+    """Speak each text with the references in turn through the fp32 bundle; keep the feeds.
+    `reference_texts`: what each reference says, for models that read it (`transcripts`)."""
     runner = RecordingRunner(bundle, per_graph, seed)
     require_fp32(runner.manifest, bundle)
     synth = Synthesizer.from_runner(runner)
     refs = [str(r) for r in references]
-    voices = [synth.voice(r) for r in refs]
+    voices = reference_voices(synth, refs, reference_texts)
     texts = list(texts)
     for index, text in enumerate(texts):
         synth.synthesize(text, voices[index % len(voices)], synth.options(seed=seed + index, max_seconds=max_seconds))

@@ -72,12 +72,14 @@ def normalize_loudness(audio: np.ndarray) -> np.ndarray:
 
 def prepare_reference(
     audio: np.ndarray, rate: int, target_rate: int, hop: int, max_seconds: float, source: str = "reference",
-    fit: str = "trim", patch_size: int = 1,
+    fit: str = "trim", patch_size: int = 1, shorten: bool = True,
 ) -> np.ndarray:
     """Any rate and channel count -> mono at `target_rate`, trimmed, loudness-normalised, its
     last `max_seconds` at most, a whole number of hops long ("trim": cut from the start), or
     of patches with silence added at its start or end ("pad_start", "pad_end": VoxCPM's
-    continuation prompt and reference clip). Raises AudioError if unusable."""
+    continuation prompt and reference clip). A longer reference loses its start, unless
+    `shorten` is False (its transcript would no longer match): then it is refused. Raises
+    AudioError if unusable."""
     if audio.size == 0:
         raise AudioError(f"{source} is empty")
     mono = to_mono(audio)
@@ -91,11 +93,15 @@ def prepare_reference(
     seconds = len(speech) / target_rate
     if seconds < MIN_REFERENCE_SECONDS:
         raise AudioError(f"{source} has {seconds:.2f} s of sound; at least {MIN_REFERENCE_SECONDS:.1f} s is needed")
-    keep = int(max_seconds * target_rate) // hop * hop
+    unit = hop if fit == "trim" else hop * patch_size  # padding must not pass the longest prompt
+    keep = int(max_seconds * target_rate) // unit * unit
+    if len(speech) > keep and not shorten:
+        raise AudioError(f"{source} has {seconds:.1f} s of sound; this model reads its transcript, so it is not "
+                         f"cut: give at most {keep / target_rate:.1f} s")
     speech = speech[-keep:] if len(speech) > keep else speech  # the voice continues from the prompt's end
     if fit == "trim":
         return normalize_loudness(speech[len(speech) % hop :])  # whole hops, cut from the start like the rest
-    short = -len(speech) % (hop * patch_size)
+    short = -len(speech) % unit
     pad = (short, 0) if fit == "pad_start" else (0, short)
     return normalize_loudness(np.pad(speech, pad))
 

@@ -258,7 +258,7 @@ class Synthesizer:
         cfg = self.config
         prepared = prepare_reference(audio, rate, cfg.audio.sample_rate, cfg.audio.hop_length,
                                      cfg.max_prompt_seconds, source, fit=cfg.audio.reference_fit,
-                                     patch_size=cfg.patch_size)
+                                     patch_size=cfg.patch_size, shorten=not cfg.prompt.needs_reference_text)
         return Voice(self.runner.encode_audio(prepared), len(prepared) / cfg.audio.sample_rate, source, text.strip())
 
     def options(self, **overrides) -> GenerationOptions:
