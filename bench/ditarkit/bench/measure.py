@@ -91,6 +91,8 @@ class Measurement:
     peak_rss_delta_mb: float  # ... minus its mark before loading (after importing the backend's libraries)
     peer: bool = False
     notes: list[str] = field(default_factory=list)
+    # VoxCPM rows: max |patch - the voxcpm package's patch| over the last run (same noise and length)
+    patch_max_abs_diff: float | None = None
 
     @property
     def total_calls_per_audio_second(self) -> float:
@@ -145,19 +147,32 @@ def reference_voice(synth, ref: str | None):
     return synth.voice(speech_like(REFERENCE_SECONDS, synth.sample_rate), synth.sample_rate)
 
 
-def time_synthesizer(synth, work: Workload, label: str) -> dict[str, Any]:
+def time_synthesizer(synth, work: Workload, label: str, voice=None,
+                     patches_out: list | None = None) -> dict[str, Any]:
     """One warm-up pass over the texts, then `work.runs` timed passes: the timing fields of
-    a Measurement."""
+    a Measurement. `voice`: the reference to speak in (default: `work.ref`, or the synthetic
+    one, encoded by this synthesizer); `patches_out`: filled with the last pass's patches."""
     from ditarkit.runtime.synthesizer import StreamStats
 
     patch_seconds = synth.config.patch_seconds
     patches = max(1, round(work.seconds / patch_seconds))
     options = exact_length(synth.options(seed=work.seed), patches, patch_seconds)
-    voice = reference_voice(synth, work.ref)
+    voice = voice if voice is not None else reference_voice(synth, work.ref)
     times = wrap_stages(synth.runner)
+    if patches_out is not None:
+        draw = synth.runner.draw_patch
+
+        def kept(*args, _draw=draw):
+            patch = _draw(*args)
+            patches_out.append(patch.copy())
+            return patch
+
+        synth.runner.draw_patch = kept
 
     def one_pass() -> list[StreamStats]:
         passes = []
+        if patches_out is not None:
+            patches_out.clear()
         for text in work.texts:
             stats = StreamStats()
             for _chunk in synth.stream(text, voice, options, stats=stats):
@@ -177,12 +192,19 @@ def time_synthesizer(synth, work: Workload, label: str) -> dict[str, Any]:
         first += [s.first_chunk_seconds for s in passes]
         log(f"  {label}: run {run + 1}/{work.runs}: RTF {rtf[-1]:.3f}, first chunk {1000 * first[-1]:.0f} ms")
     expected = patches * sum(len(s.sentences) for s in passes)
+    return timing_fields(work.runs, audio, made, expected, rtf, first, times)
+
+
+def timing_fields(runs: int, audio: float, made: int, expected: int, rtf: list[float], first: list[float],
+                  times: dict[str, list[float]]) -> dict[str, Any]:
+    """The timing fields of a Measurement from one row's raw figures: `audio` seconds and `made`
+    patches per run, RTF per run, first-chunk seconds per text and run, call seconds per graph."""
     notes = [] if made == expected else [f"{made} patches per run, expected {expected}: the stop head fired"]
     return {
-        "runs": work.runs, "audio_seconds": audio, "patches": made,
+        "runs": runs, "audio_seconds": audio, "patches": made,
         "rtf": Spread.of(rtf), "first_chunk_ms": Spread.of(first, 1000),
         "stage_ms": {g: Spread.of(t, 1000) for g, t in times.items() if t},
-        "calls_per_audio_second": {g: len(t) / (audio * work.runs) for g, t in times.items() if t},
+        "calls_per_audio_second": {g: len(t) / (audio * runs) for g, t in times.items() if t},
         "notes": notes,
     }
 
@@ -190,6 +212,12 @@ def time_synthesizer(synth, work: Workload, label: str) -> dict[str, Any]:
 # -- the rows (each runs in its own process) ---------------------------------------------
 def bench_bundle(bundle: str, backend: str, work: Workload) -> Measurement:
     """A bundle on ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed) or TensorRT."""
+    return bundle_row(bundle, backend, work)
+
+
+def bundle_row(bundle: str, backend: str, work: Workload, voice=None, patches_out: list | None = None) -> Measurement:
+    """bench_bundle's row, in a voice given (default: the workload's) and keeping the last run's
+    patches where asked (see time_synthesizer)."""
     import onnxruntime  # noqa: F401  (imported before the baseline, as torch and piper are)
 
     from ditarkit.runtime.synthesizer import Synthesizer
@@ -206,7 +234,7 @@ def bench_bundle(bundle: str, backend: str, work: Workload) -> Measurement:
     else:
         device = "cuda" if runner.sessions[LM].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     label = f"{synth.backend} {runner.manifest.precision} ({device})"
-    timing = time_synthesizer(synth, work, label)
+    timing = time_synthesizer(synth, work, label, voice, patches_out)
     return Measurement(synth.backend, runner.manifest.precision, device, load_seconds=load, **memory(baseline),
                        **timing)
 
