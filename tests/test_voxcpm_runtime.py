@@ -20,6 +20,7 @@ from voxcpm_oracle import build_package_model, tiny_config, write_checkpoint
 from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import QUANTIZER_TOLERANCE, TOLERANCE
 from ditarkit.export.voxcpm.checkpoint import ARCHITECTURES, load_voxcpm
+from ditarkit.export.voxcpm.contract import package_inputs
 from ditarkit.export.voxcpm.export import export_voxcpm, load_for_export
 from ditarkit.reference.runner import TorchRunner
 from ditarkit.runtime.backends.onnxrt import OrtRunner
@@ -79,29 +80,11 @@ def _noise(config: dict) -> np.ndarray:
     return rng.standard_normal((MAX_PATCHES, 2, config["patch_size"], config["feat_dim"])).astype(np.float32)
 
 
-def _package_inputs(model, architecture: str, ids: list[int], prompt: np.ndarray, patch: int):
-    """The package's (text, text_mask, feat, feat_mask) as its generate lays them out: v1
-    continuation [transcript + text, 101, prompt], v2 reference mode [103, ref, 104, text, 101]."""
-    n = prompt.shape[0] // patch
-    patches = torch.from_numpy(prompt).reshape(n, patch, -1)
-    zeros = lambda k: torch.zeros(k, patch, prompt.shape[1])  # noqa: E731
-    if architecture == "voxcpm":
-        tokens = [*ids, model.audio_start_token] + [0] * n
-        feats = torch.cat([zeros(len(ids) + 1), patches])
-        is_text = [1] * (len(ids) + 1) + [0] * n
-    else:
-        tokens = [model.ref_audio_start_token] + [0] * n + [model.ref_audio_end_token, *ids, model.audio_start_token]
-        feats = torch.cat([zeros(1), patches, zeros(len(ids) + 2)])
-        is_text = [1] + [0] * n + [1] * (len(ids) + 2)
-    text_mask = torch.tensor([is_text], dtype=torch.int32)
-    return torch.tensor([tokens]), text_mask, feats[None], 1 - text_mask
-
-
 def package_patches(folder, architecture, ids, prompt, noise, patch) -> np.ndarray:
     """The package's `_inference` with each patch's starting noise injected."""
     model = load_voxcpm(folder)[0]
     starts = iter(torch.from_numpy(np.ascontiguousarray(noise[:, 0].transpose(0, 2, 1)[:, None])))
-    inputs = _package_inputs(model, architecture, ids, prompt, patch)
+    inputs = package_inputs(model, architecture, ids, prompt.reshape(-1, patch, prompt.shape[1]))
     with mock.patch("torch.randn", side_effect=lambda *a, **k: next(starts)[0][None]):
         result = next(model._inference(*inputs, min_len=2, max_len=MAX_PATCHES, inference_timesteps=10,
                                        cfg_value=2.0, streaming=False))

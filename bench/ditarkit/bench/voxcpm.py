@@ -264,26 +264,6 @@ def bench_voxcpm_bundle(bundle: str, backend: str, work: Workload, voice,
     return row, np.stack(patches)
 
 
-def package_inputs(model, architecture: str, ids: list[int], prompt: np.ndarray):
-    """(text, text_mask, feat, feat_mask) as the package's generate lays them out: v1 continuation
-    [transcript + text, 101, reference], v2 reference mode [103, reference, 104, text, 101]."""
-    import torch
-
-    n, patch, dim = prompt.shape
-    patches = torch.from_numpy(np.ascontiguousarray(prompt, np.float32))
-    zeros = lambda k: torch.zeros(k, patch, dim)  # noqa: E731
-    if architecture == "voxcpm":
-        tokens = [*ids, model.audio_start_token] + [0] * n
-        feats = torch.cat([zeros(len(ids) + 1), patches])
-        is_text = [1] * (len(ids) + 1) + [0] * n
-    else:
-        tokens = [model.ref_audio_start_token] + [0] * n + [model.ref_audio_end_token, *ids, model.audio_start_token]
-        feats = torch.cat([zeros(1), patches, zeros(len(ids) + 2)])
-        is_text = [1] + [0] * n + [1] * (len(ids) + 2)
-    text_mask = torch.tensor([is_text], dtype=torch.int32)
-    return torch.tensor([tokens]), text_mask, feats[None], 1 - text_mask
-
-
 def _timed(fn, calls: list[float], keep: list | None = None):
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -348,6 +328,7 @@ def bench_voxcpm_package(folder: str, bundle: str, work: Workload, voice) -> tup
     import torch
 
     from ditarkit.export.voxcpm.checkpoint import detect_architecture, import_voxcpm, load_voxcpm
+    from ditarkit.export.voxcpm.contract import package_inputs
     from ditarkit.runtime.manifest import load_manifest
     from ditarkit.runtime.sampler import prompt_patches, seeded_noise
     from ditarkit.runtime.text import text_frontend

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from ditarkit.export.voxcpm.checkpoint import VoxCPMCheckpointError
@@ -81,3 +83,23 @@ def voxcpm_contract(model: nn.Module, architecture: str, config: Any, folder: st
             f"{max_tokens} tokens + {max_prompt_seconds:g} s of reference + {max_seconds:g} s of speech need "
             f"{positions} LM positions; this model has {room} (max_length / max_position_embeddings)")
     return contract
+
+
+def package_inputs(model, architecture: str, ids: list[int], prompt: np.ndarray):
+    """The package's `_inference` inputs (text, text_mask, feat, feat_mask) for the prompt that
+    `prompt_layout` describes, laid out as its generate does: v1 continuation [transcript +
+    text, 101, reference], v2 reference mode [103, reference, 104, text, 101]. `prompt`
+    (N, P, C) is the reference's patches. For comparing the kit's loop with the package's."""
+    n, patch, dim = prompt.shape
+    patches = torch.from_numpy(np.ascontiguousarray(prompt, np.float32))
+    zeros = lambda k: torch.zeros(k, patch, dim)  # noqa: E731
+    if architecture == "voxcpm":
+        tokens = [*ids, model.audio_start_token] + [0] * n
+        feats = torch.cat([zeros(len(ids) + 1), patches])
+        is_text = [1] * (len(ids) + 1) + [0] * n
+    else:
+        tokens = [model.ref_audio_start_token] + [0] * n + [model.ref_audio_end_token, *ids, model.audio_start_token]
+        feats = torch.cat([zeros(1), patches, zeros(len(ids) + 2)])
+        is_text = [1] + [0] * n + [1] * (len(ids) + 2)
+    text_mask = torch.tensor([is_text], dtype=torch.int32)
+    return torch.tensor([tokens]), text_mask, feats[None], 1 - text_mask
