@@ -258,3 +258,22 @@ def test_a_graph_past_the_size_limit_keeps_its_weights_in_a_checksummed_file(che
     data.write_bytes(raw[:-4] + bytes(b ^ 0xFF for b in raw[-4:]))  # the last weight, corrupted
     with pytest.raises(BundleError, match="lm.onnx.data does not match its checksum"):
         load_manifest(tmp_path / "big")
+
+
+def test_export_limits_size_the_bundle_and_are_refused_where_the_model_cannot_hold_them(checkpoint, tmp_path):
+    _, config, folder, _, _, _ = checkpoint
+    limits = _limits(config)
+    flags = ["--max-seconds", str(limits["max_seconds"]), "--max-prompt-seconds", str(limits["max_prompt_seconds"]),
+             "--max-tokens", str(limits["max_tokens"])]
+    out = tmp_path / "sized"
+    result = CliRunner().invoke(export_main, ["--from-voxcpm", str(folder), "--out", str(out), "--no-trt", *flags])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out).config.max_patches == MAX_PATCHES
+    # The defaults (30 s of speech) need far more positions than the tiny model's table.
+    refused = CliRunner().invoke(export_main, ["--from-voxcpm", str(folder), "--out", str(tmp_path / "no"), "--no-trt"])
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert refused.exit_code == 1 and len(errors) == 1 and "lower --max-seconds" in errors[0]
+    assert refused.stdout == "" and "Traceback" not in refused.output  # the package's own print went to stderr
+    assert not (tmp_path / "no").exists()
+    misplaced = CliRunner().invoke(export_main, ["--preset", "tiny", "--max-seconds", "3", "--out", str(tmp_path / "t")])
+    assert misplaced.exit_code == 2 and "go with --from-voxcpm" in misplaced.output

@@ -49,6 +49,11 @@ def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
 @click.option("--from-voxcpm", "voxcpm", type=click.Path(file_okay=False),
               help="An OpenBMB VoxCPM checkpoint folder (VoxCPM 0.5B / 1.5 or VoxCPM2) instead. "
                    "Default --out: ./FOLDER-fp32 (or -fp16).")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="--from-voxcpm: longest speech per sentence (default 30); sizes the KV cache and engine profiles.")
+@click.option("--max-prompt-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="--from-voxcpm: longest reference (default 10).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="--from-voxcpm: longest text in tokens (default 512).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Bundle folder to write. Default: the kit's default bundle location.")
 @click.option("--fp16", is_flag=True,
@@ -60,12 +65,18 @@ def load_model(checkpoint: str | None, preset_name: str | None, seed: int):
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Check every graph against PyTorch with ONNX Runtime.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights for --preset.")
-def main(checkpoint, preset_name, voxcpm, out, fp16, opset, trt, parity, seed) -> None:
+def main(checkpoint, preset_name, voxcpm, max_seconds, max_prompt_seconds, max_tokens, out, fp16, opset, trt, parity,
+         seed) -> None:
     """Export a DiTAR checkpoint (or a VoxCPM one) to a bundle of ONNX graphs with a manifest."""
     from ditarkit.reference.checkpoint import CheckpointError
 
     if sum(bool(x) for x in (checkpoint, preset_name, voxcpm)) > 1:
         raise click.UsageError("give one of --checkpoint, --preset and --from-voxcpm")
+    limits = {k: v for k, v in (("max_seconds", max_seconds), ("max_prompt_seconds", max_prompt_seconds),
+                                ("max_tokens", max_tokens)) if v is not None}
+    if limits and not voxcpm:
+        raise click.UsageError("--max-seconds, --max-prompt-seconds and --max-tokens go with --from-voxcpm "
+                               "(the kit's models carry theirs in their config)")
     precision = "fp16" if fp16 else "fp32"
     if out:
         out = Path(out)
@@ -74,7 +85,7 @@ def main(checkpoint, preset_name, voxcpm, out, fp16, opset, trt, parity, seed) -
     start = time.perf_counter()
     try:
         if voxcpm:
-            manifest, results = _export_voxcpm(voxcpm, out, fp16, opset, parity)
+            manifest, results = _export_voxcpm(voxcpm, out, fp16, opset, parity, limits)
         else:
             manifest, results = _export_kit_model(checkpoint, preset_name, seed, out, fp16, opset, parity)
         _build_engines(out, trt)
@@ -99,12 +110,12 @@ def _export_kit_model(checkpoint, preset_name, seed, out, fp16, opset, parity):
     return manifest, results
 
 
-def _export_voxcpm(folder, out, fp16, opset, parity):
+def _export_voxcpm(folder, out, fp16, opset, parity, limits):
     from ditarkit.export.voxcpm.checkpoint import VoxCPMCheckpointError
     from ditarkit.export.voxcpm.export import export_voxcpm
 
     try:
-        return export_voxcpm(folder, out, fp16, opset, parity, log=log)
+        return export_voxcpm(folder, out, fp16, opset, parity, log=log, **limits)
     except VoxCPMCheckpointError as err:
         raise click.ClickException(str(err)) from None
 

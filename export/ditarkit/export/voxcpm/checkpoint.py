@@ -9,6 +9,7 @@ Every failure is a `VoxCPMCheckpointError` with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -131,8 +132,9 @@ def load_voxcpm(folder: str | Path) -> tuple[torch.nn.Module, str, Any]:
     # and the inputs generate() casts follow config.dtype.
     config.dtype, config.device = "float32", "cpu"
     try:  # as from_local does: a config without audio_vae_config means the package's default VAE
-        vae = classes["vae"](config.audio_vae_config) if config.audio_vae_config else classes["vae"]()
-        model = classes["model"](config, VocabOnlyTokenizer(vocab), vae, device="cpu")
+        with contextlib.redirect_stdout(sys.stderr):  # the package prints where it runs: a log, not a result
+            vae = classes["vae"](config.audio_vae_config) if config.audio_vae_config else classes["vae"]()
+            model = classes["model"](config, VocabOnlyTokenizer(vocab), vae, device="cpu")
     except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as err:
         raise VoxCPMCheckpointError(f"{folder}: cannot build the {architecture} model: {err}") from None
     expected = model.state_dict()

@@ -81,7 +81,8 @@ def voxcpm_contract(model: nn.Module, architecture: str, config: Any, folder: st
     if positions > room:
         raise VoxCPMCheckpointError(
             f"{max_tokens} tokens + {max_prompt_seconds:g} s of reference + {max_seconds:g} s of speech need "
-            f"{positions} LM positions; this model has {room} (max_length / max_position_embeddings)")
+            f"{positions} LM positions; this model has {room} (max_length / max_position_embeddings): "
+            "lower --max-seconds, --max-prompt-seconds or --max-tokens")
     return contract
 
 
