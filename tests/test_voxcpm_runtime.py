@@ -275,5 +275,6 @@ def test_export_limits_size_the_bundle_and_are_refused_where_the_model_cannot_ho
     assert refused.exit_code == 1 and len(errors) == 1 and "lower --max-seconds" in errors[0]
     assert refused.stdout == "" and "Traceback" not in refused.output  # the package's own print went to stderr
     assert not (tmp_path / "no").exists()
-    misplaced = CliRunner().invoke(export_main, ["--preset", "tiny", "--max-seconds", "3", "--out", str(tmp_path / "t")])
+    misplaced = CliRunner().invoke(export_main, ["--preset", "tiny", "--max-seconds", "3", "--out",
+                                                 str(tmp_path / "t")])
     assert misplaced.exit_code == 2 and "go with --from-voxcpm" in misplaced.output
