@@ -145,6 +145,9 @@ def test_continuation_needs_the_reference_transcript(checkpoint):
     if architecture == "voxcpm":
         with pytest.raises(ValueError, match="--ref-text"):
             synth.voice(audio, 16000)
+        voice = Voice(_prompt(config), 0.0, "latents made elsewhere")  # no transcript
+        with pytest.raises(ValueError, match="needs its transcript"):
+            synth.synthesize(TEXT, voice)
     else:
         assert synth.voice(audio, 16000).latents.shape[1] == config["feat_dim"]
 

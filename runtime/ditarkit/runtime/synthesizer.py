@@ -326,7 +326,9 @@ class Synthesizer:
         (an emoji between sentences) is skipped, text with nothing at all is refused. A
         layout that reads the reference's transcript joined to the text gets it here."""
         layout = self.config.prompt
-        joined = voice.text if layout.joined_text and layout.needs_reference_text else ""
+        if layout.needs_reference_text and not voice.text:  # a Voice made from latents alone, say
+            raise OptionsError("this model continues from its reference: the voice needs its transcript")
+        joined = voice.text if layout.joined_text else ""
         kept = []
         for sentence in self.frontend.sentences(text):
             try:
@@ -344,9 +346,7 @@ class Synthesizer:
         layout = self.config.prompt
         if not layout.needs_reference_text or layout.joined_text:
             return None
-        if not voice.text:
-            raise OptionsError("this model continues from its reference: the voice needs its transcript")
-        return self.frontend.encode(voice.text)
+        return self.frontend.encode(voice.text)  # present: _encode_sentences checked it
 
     def synthesize(self, text: str, voice: Voice, options: GenerationOptions | None = None,
                    noise: NoiseFn | None = None) -> np.ndarray:
