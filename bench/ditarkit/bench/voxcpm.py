@@ -348,7 +348,7 @@ def bench_voxcpm_package(folder: str, bundle: str, work: Workload, voice) -> tup
     psize, dim = contract.patch_size, contract.audio.latent_dim
     patches = max(1, round(work.seconds / contract.patch_seconds))
     prompt = prompt_patches(voice.latents, contract)
-    joined = voice.text if contract.prompt.joined_text and contract.prompt.needs_reference_text else ""
+    joined = voice.text if contract.prompt.needs_reference_text else ""
     texts = [[package_inputs(model, architecture, frontend.encode(s, prompt_text=joined), prompt)
               for s in frontend.sentences(text)] for text in work.texts]
 

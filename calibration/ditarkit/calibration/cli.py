@@ -111,11 +111,8 @@ def check_inputs(bundle: Path, out: Path, texts: str | None, references: list[st
     ref_texts = transcripts(config, references, reference_texts)
     layout = config.prompt
     for sentence in sentences:  # encoded as the synthesizer will: raises TextError naming the problem
-        for ref_text in dict.fromkeys(ref_texts if layout.joined_text and layout.needs_reference_text else [""]):
+        for ref_text in dict.fromkeys(ref_texts if layout.needs_reference_text else [""]):
             frontend.encode(sentence, prompt_text=ref_text)
-    if layout.needs_reference_text and not layout.joined_text:
-        for ref_text in ref_texts:
-            frontend.encode(ref_text)
     for path in compare:
         if load_manifest(path, verify_files=False).config != config:
             raise CalibrationError(f"{path} is not a bundle of the same model as {bundle}")

@@ -8,6 +8,7 @@ ReduceMean/Cos/Sin ops, and the KV cache is input and output as separate tensors
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import tempfile
 import warnings
@@ -79,9 +80,10 @@ class GraphFiles:
 
 
 def weight_bytes(graph: onnx.ModelProto) -> int:
-    """Bytes of the graph's initializers (ByteSize() of the whole proto is what protobuf cannot
-    serialise past 2 GiB; the weights are nearly all of it)."""
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+    """Bytes of the graph's initializers, from their shapes and types (ByteSize() of the whole
+    proto is what protobuf cannot serialise past 2 GiB; the weights are nearly all of it)."""
+    size = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)  # noqa: E731
+    return sum(size(t) for t in graph.graph.initializer)
 
 
 def save_graph(graph: onnx.ModelProto, path: Path) -> GraphFiles:

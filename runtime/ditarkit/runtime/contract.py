@@ -120,7 +120,8 @@ class StopRule:
 @dataclass(frozen=True)
 class PromptLayout:
     """The LM prefix, in order: "text" (the ids to speak), "reference_text" (the reference's
-    transcript, spoken before the text, for continuation), "reference" (the reference's
+    transcript, spoken before the text, for continuation: tokenised with the text as one
+    string, as VoxCPM does, so it takes no rows of its own), "reference" (the reference's
     patch vectors), and token ids (ints). The kit's: text (with its BOS and EOS), reference,
     speech start. VoxCPM2's reference mode: 103, reference, 104, text, 101."""
 
@@ -128,9 +129,6 @@ class PromptLayout:
     # LocDiT's first history: the reference's last patches ("reference"), or the patch at the
     # prefix's last position, zeros where that is a token ("prefix_end": VoxCPM).
     history: str = "reference"
-    # "text" and "reference_text" are encoded as one string (VoxCPM tokenises the transcript
-    # and the text together).
-    joined_text: bool = False
 
     @property
     def needs_reference_text(self) -> bool:
@@ -195,12 +193,10 @@ class ModelContract(PatchTiming):
     # -- derived sizes ---------------------------------------------------------------
     @property
     def max_prefix(self) -> int:
-        """LM positions before the first generated patch: every text segment at most
-        `max_tokens`, the reference, and the layout's token ids."""
-        texts = sum(1 for s in self.prompt.prefix if s in ("text", "reference_text") and not self.prompt.joined_text)
-        texts = max(texts, 1)
+        """LM positions before the first generated patch: the text (with any transcript) at
+        most `max_tokens`, the reference, and the layout's token ids."""
         tokens = sum(1 for s in self.prompt.prefix if isinstance(s, int))
-        return texts * self.text.max_tokens + self.max_prompt_patches + tokens
+        return self.text.max_tokens + self.max_prompt_patches + tokens
 
     @property
     def history_frames(self) -> int:

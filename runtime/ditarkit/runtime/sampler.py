@@ -129,18 +129,17 @@ def generate_patches(
     prompt_latents: np.ndarray,
     options: GenerationOptions,
     noise: NoiseFn | None = None,
-    reference_ids: list[int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield generated patches (P, C) one at a time, as soon as each is drawn. `text_ids`
-    are the frontend's (the kit's: BOS, the characters, EOS); `reference_ids` the reference's
-    transcript, for layouts that read one apart from the text."""
+    are the frontend's (the kit's: BOS, the characters, EOS; with the reference's transcript
+    first where the layout reads one)."""
     cfg = runner.config
     noise = noise or seeded_noise(options.seed, cfg.patch_size, cfg.audio.latent_dim)
     prompt = prompt_patches(prompt_latents, cfg)  # (Np, P, C)
     max_patches = max(1, min(cfg.max_patches, patches_in(options.max_seconds, cfg.patch_seconds)))
     ids = np.asarray(text_ids, dtype=np.int64)
     cursor = Cursor(runner.text_cursor(ids), len(ids) - 2) if cfg.cursor else None
-    prefix, audio_mask = prefix_rows(runner, cfg.prompt, ids, prompt, reference_ids)
+    prefix, audio_mask = prefix_rows(runner, cfg.prompt, ids, prompt)
     if cursor is not None:
         prefix[-1] += cursor.vector()[0]  # the speech start reads the first character
     state = runner.new_lm_state(prefix.shape[0] + max_patches)
@@ -168,8 +167,8 @@ def _stops(step: LMStep, drawn: int, cfg: ModelContract, options: GenerationOpti
     return drawn >= cfg.stop.min_patches and _sigmoid(step.stop_logit) > options.stop_threshold
 
 
-def prefix_rows(runner: Runner, layout: PromptLayout, text_ids: np.ndarray, prompt: np.ndarray,
-                reference_ids: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+def prefix_rows(runner: Runner, layout: PromptLayout, text_ids: np.ndarray,
+                prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The LM prefix of `layout`: (S, D) rows, and (S,) 1 at the reference's patch rows."""
     rows, mask = [], []
     for segment in layout.prefix:
@@ -178,11 +177,7 @@ def prefix_rows(runner: Runner, layout: PromptLayout, text_ids: np.ndarray, prom
         elif segment == "text":
             part = runner.embed_text(text_ids)
         elif segment == "reference_text":
-            if layout.joined_text:
-                continue  # already at the start of the text's ids
-            if not reference_ids:
-                raise ValueError("this model's prompt needs the reference's transcript")
-            part = runner.embed_text(np.asarray(reference_ids, np.int64))
+            continue  # tokenised with the text: at the start of its ids
         else:
             part = runner.embed_text(np.asarray([segment], np.int64))
         rows.append(part)

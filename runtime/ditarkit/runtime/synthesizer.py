@@ -295,12 +295,11 @@ class Synthesizer:
                   stats: StreamStats, on_patch: Callable[[int], None] | None,
                   max_chunk_patches: int) -> Iterator[np.ndarray]:
         start = time.perf_counter()
-        reference_ids = self._reference_ids(voice)
         lead_in = voice.latents if self.config.prompt.continues_reference else None
         for ids in token_ids:
             decoder = StreamingDecoder(self.runner, max_chunk_patches, self._decoder_thread, lead_in)
             try:
-                for patch in generate_patches(self.runner, ids, voice.latents, options, noise, reference_ids):
+                for patch in generate_patches(self.runner, ids, voice.latents, options, noise):
                     self._check_open()  # closed by another thread mid-stream
                     stats.patches += 1
                     if on_patch:
@@ -324,11 +323,11 @@ class Synthesizer:
     def _encode_sentences(self, text: str, voice: Voice) -> tuple[list[str], list[list[int]]]:
         """Sentences with something to say and their ids; a piece with nothing speakable
         (an emoji between sentences) is skipped, text with nothing at all is refused. A
-        layout that reads the reference's transcript joined to the text gets it here."""
-        layout = self.config.prompt
-        if layout.needs_reference_text and not voice.text:  # a Voice made from latents alone, say
+        layout that reads the reference's transcript gets it here, before each sentence."""
+        reads_transcript = self.config.prompt.needs_reference_text
+        if reads_transcript and not voice.text:  # a Voice made from latents alone, say
             raise OptionsError("this model continues from its reference: the voice needs its transcript")
-        joined = voice.text if layout.joined_text else ""
+        joined = voice.text if reads_transcript else ""
         kept = []
         for sentence in self.frontend.sentences(text):
             try:
@@ -340,13 +339,6 @@ class Synthesizer:
             self.frontend.encode(text)  # raises the frontend's own reason
             raise TextError(f"no speakable characters in text {text[:40]!r}")
         return [s for s, _ in kept], [ids for _, ids in kept]
-
-    def _reference_ids(self, voice: Voice) -> list[int] | None:
-        """The transcript's own ids, for a layout that reads it apart from the text."""
-        layout = self.config.prompt
-        if not layout.needs_reference_text or layout.joined_text:
-            return None
-        return self.frontend.encode(voice.text)  # present: _encode_sentences checked it
 
     def synthesize(self, text: str, voice: Voice, options: GenerationOptions | None = None,
                    noise: NoiseFn | None = None) -> np.ndarray:

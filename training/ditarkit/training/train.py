@@ -39,6 +39,7 @@ from ditarkit.reference.losses import LossOptions, ditar_loss, train_step, vae_l
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import DiTARConfig, preset
 from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.machine import cpu_flags
 from ditarkit.runtime.text import TextFrontend
 from ditarkit.training.curve import plot_curve
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
@@ -372,8 +373,8 @@ def training_precision(choice: str, device: str) -> str:
         return choice
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "bf16" if any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")) else "fp32"
+    flags = cpu_flags() or set()
+    return "bf16" if flags & {"amx_bf16", "avx512_bf16"} else "fp32"
 
 
 # --------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def prompt_layout(architecture: str, model: nn.Module) -> tuple[PromptLayout, st
     v2 reference mode `[103, reference, 104, text, 101]` (padded at its end)."""
     if architecture == "voxcpm":
         layout = ("reference_text", "text", model.audio_start_token, "reference")
-        return PromptLayout(layout, history="prefix_end", joined_text=True), "pad_start"
+        return PromptLayout(layout, history="prefix_end"), "pad_start"
     layout = (model.ref_audio_start_token, "reference", model.ref_audio_end_token, "text", model.audio_start_token)
     return PromptLayout(layout, history="prefix_end"), "pad_end"
 
