@@ -14,6 +14,9 @@ from conftest import speech_like
 from ditarkit.reference.checkpoint import load_checkpoint
 from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextFrontend
+from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
+from ditarkit.training.forced import forced_audio, forced_sentences, forced_wer
+from ditarkit.training.metrics import build_probe
 from ditarkit.training.train import CURVE_FILE, LOG_FILE, STATE_FILE, main
 
 TEXTS = ["hello there", "a quick test of the recipe", "one more line", "and the last one"]
@@ -44,7 +47,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     corpus, run = _corpus(root / "corpus"), root / "run"
     common = ["--corpus", str(corpus), "--preset", "tiny", "--batch", "2", "--threads", "1",
-              "--max-target-seconds", "3", "--aligned-heads", HEADS, "--metrics-every", "2"]
+              "--max-target-seconds", "3", "--aligned-heads", HEADS, "--metrics-every", "2", "--forced-wer-every", "4"]
     main(["vae", *common[:8], "--run", str(run), "--steps", "2"])
     return root, corpus, run, common
 
@@ -68,6 +71,8 @@ def test_ditar_resumes_exactly_where_an_uninterrupted_run_would_be(trained):
     assert torch.load(stopped / "ditar" / STATE_FILE, weights_only=True)["step"] == 4
     a, b = load_checkpoint(straight / "ditar").state_dict(), load_checkpoint(stopped / "ditar").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same batches, same noise: bit for bit
+    raw_a, raw_b = (torch.load(t / "ditar" / STATE_FILE, weights_only=True)["model"] for t in (straight, stopped))
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)  # the weights the average follows, too
     assert torch.equal(a["vae.latent_mean"], load_checkpoint(run / "vae").state_dict()["vae.latent_mean"])
 
 
@@ -79,7 +84,41 @@ def test_ditar_logs_alignment_metrics_and_draws_the_curve(trained):
     assert [r["step"] for r in metrics] == [0, 2, 4]
     assert all(0.0 <= r["text_mass_mean"] <= 1.0 and r["aligned_error_r1"] >= 0 for r in metrics)
     assert {"aligned_error_r1.25", "best_head"} <= set(metrics[-1])
+    forced = [r for r in metrics if "forced_wer_pct" in r]
+    assert [r["step"] for r in forced] == [0, 4]  # every --forced-wer-every steps
+    assert all(r["forced_wer_pct"] >= 0 and r["round_trip_wer_pct"] >= 0 for r in forced)
     assert (run / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_checkpoint_holds_the_moving_average_and_the_log_its_gain(trained):
+    root, _, _, _ = trained
+    run = root / "straight" / "ditar"
+    average = load_checkpoint(run).state_dict()
+    raw = torch.load(run / STATE_FILE, weights_only=True)["model"]
+    trained_names = [k for k in raw if not k.startswith("vae.") and raw[k].is_floating_point()]
+    assert any(not torch.equal(average[k], raw[k]) for k in trained_names)
+    assert all(torch.equal(average[k], raw[k]) for k in raw if k.startswith("vae."))  # frozen: no drift
+    rows = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
+    assert all(r["probe_diffusion_raw"] > 0 for r in rows if "gap_swapped_text_pct" in r)
+
+
+def test_teacher_forced_audio_is_drawn_per_patch_reproducibly_and_scored(trained):
+    root, corpus, _, _ = trained
+    run = root / "straight"
+    model = load_checkpoint(run / "ditar")
+    items, probe_items = read_manifest(corpus), read_manifest(corpus, "probe.jsonl")
+    latents = encode_corpus(model, items + probe_items, run, "cpu")
+    probe = build_probe(probe_items, DiTARBatches(items, latents, model.config, 2, 0, 3.0, (0.5, 1.0)), "cpu")
+    rows = forced_sentences(probe, 5)
+    assert rows == [0]  # the one probe sentence at the normal rate
+    drawn, true = forced_audio(model, probe, rows)
+    patch_samples = model.config.patch_size * model.config.audio.hop_length
+    assert drawn[0].shape == true[0].shape and drawn[0].shape[0] % patch_samples == 0
+    assert np.array_equal(drawn[0], forced_audio(model, probe, rows)[0][0])  # fixed noise
+    assert not np.allclose(drawn[0], true[0])  # drawn, not copied
+    assert forced_wer(model, probe, rows, lambda audio, rate: probe.texts[0]) == {
+        "forced_wer_pct": 0.0, "round_trip_wer_pct": 0.0}
+    assert forced_wer(model, probe, rows, lambda audio, rate: "")["forced_wer_pct"] == 100.0
 
 
 def test_ship_then_go_on_from_the_shipped_checkpoint(trained):

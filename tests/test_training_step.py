@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -79,6 +80,24 @@ def test_alignment_loss_is_low_on_the_spoken_characters_and_counts_mass_off_the_
     rows = [(0, first, n)]
     assert float(alignment_loss([on_text], ((0, 0),), rows, windows)) < 1e-4
     assert float(alignment_loss([off_text], ((0, 0),), rows, windows)) > 10.0
+
+
+def test_alignment_loss_averages_every_position_of_every_utterance_and_head():
+    from ditarkit.reference.losses import alignment_loss
+
+    seq, heads = 16, 2
+    windows = torch.tensor([[[0, 0], [1, 1], [2, 2]], [[0, 1], [2, 3], [0, 0]]])  # (B, n, 2), second row n = 2
+    rows = [(0, 10, 3), (1, 12, 2)]  # (utterance, first speech position, patches)
+    layers = [torch.zeros(2, heads, seq, seq) for _ in range(2)]
+    masses = {(0, 1): 0.5, (1, 0): 0.25}  # (layer, head) -> mass it puts on each window
+    for (layer, head), mass in masses.items():
+        for b, first, n in rows:
+            for j in range(n):
+                layers[layer][b, head, first + j, 1 + int(windows[b, j, 0])] = mass  # the window's first character
+                layers[layer][b, head, first + j, seq - 1] = 1 - mass  # the rest on a speech position
+    expected = (-math.log(0.5) - math.log(0.25)) / 2  # each of the 5 positions weighs the same under both heads
+    loss = alignment_loss(layers, ((0, 1), (1, 0)), rows, windows).item()
+    assert loss == pytest.approx(expected, abs=1e-5)  # the loss adds eps = 1e-6 inside its log
 
 
 def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():

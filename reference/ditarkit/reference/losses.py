@@ -188,19 +188,24 @@ def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise
 def alignment_loss(probs: list[Tensor], heads: tuple[tuple[int, int], ...], rows: list[tuple[int, int, int]],
                    windows: Tensor, eps: float = 1e-6) -> Tensor:
     """-log of the attention mass each aligned head puts, from each speech position, on the
-    characters of its patch +-1 (text token k + 1: BOS comes first), averaged."""
-    total, count = probs[heads[0][0]].new_zeros(()), 0
-    for b, first, n in rows:
-        lo = (windows[b, :n, 0] - 1).clamp(min=0) + 1  # (n,) sequence positions
-        hi = windows[b, :n, 1] + 1 + 1  # exclusive; never past EOS, which follows the last char
-        cols = torch.arange(int(hi.max()), device=lo.device)
-        inside = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])  # (n, K)
-        for layer, head in heads:
-            attention = probs[layer][b, head, first : first + n, : cols.shape[0]]  # (n, K)
-            mass = (attention * inside).sum(dim=1)
-            total = total - torch.log(mass + eps).sum()
-            count += n
-    return total / max(count, 1)
+    characters of its patch +-1 (text token k + 1: BOS comes first), averaged. The rows of all
+    utterances are gathered in one index per layer: a slice per utterance and head would cost
+    a zero-filled gradient the size of the whole attention map each, in backward."""
+    device = windows.device
+    batch_index = torch.cat([torch.full((n,), b, device=device) for b, _, n in rows])
+    positions = torch.cat([torch.arange(first, first + n, device=device) for _, first, n in rows])
+    spans = torch.cat([windows[b, :n] for b, _, n in rows])  # (M, 2) characters per speech position
+    lo = (spans[:, 0] - 1).clamp(min=0) + 1  # sequence positions
+    hi = spans[:, 1] + 1 + 1  # exclusive; never past EOS, which follows the last char
+    cols = torch.arange(probs[heads[0][0]].shape[-1], device=device)
+    inside = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])  # (M, S)
+    terms = []
+    for layer in sorted({layer for layer, _ in heads}):
+        chosen = torch.tensor([head for at, head in heads if at == layer], device=device)
+        attention = probs[layer][batch_index[:, None], chosen[None, :], positions[:, None]]  # (M, h, S)
+        mass = (attention * inside[:, None, :]).sum(dim=-1)
+        terms.append(-torch.log(mass + eps).flatten())
+    return torch.cat(terms).mean()
 
 
 def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOptions(),

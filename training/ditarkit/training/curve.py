@@ -8,12 +8,12 @@ from pathlib import Path
 from ditarkit.runtime.fileio import atomic_write
 
 PANELS = (
-    ("losses", ("diffusion", "stop", "alignment", "advance", "probe_diffusion")),
+    ("losses", ("diffusion", "stop", "alignment", "advance", "probe_diffusion", "probe_diffusion_raw")),
     ("LM is used by LocDiT (loss gap, %)", ("gap_swapped_text_pct", "gap_zeroed_lm_pct")),
     ("aligned heads and free cursor: characters off (probe)", (
         "aligned_error_r0.7", "aligned_error_r1", "aligned_error_r1.5", "best_head_error_r0.7", "best_head_error_r1",
         "best_head_error_r1.5", "cursor_error_r0.7", "cursor_error_r1", "cursor_error_r1.5")),
-    ("free-running WER (%)", ("wer_pct",)),
+    ("WER (%): free-running, teacher-forced, VAE round trip", ("wer_pct", "forced_wer_pct", "round_trip_wer_pct")),
 )
 
 

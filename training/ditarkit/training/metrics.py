@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,7 @@ class Probe:
     swapped: SpeechBatch  # the same audio under other utterances' texts
     rates: list[float]  # per utterance
     text_chars: list[int]  # characters per utterance (BOS/EOS excluded)
+    texts: list[str]  # what each utterance says
 
 
 def build_probe(probe: list[Utterance], batches: DiTARBatches, device: str) -> Probe:
@@ -63,7 +66,7 @@ def build_probe(probe: list[Utterance], batches: DiTARBatches, device: str) -> P
     swapped_texts = [texts[shifted[i]] for i in range(len(texts))]
     swapped_windows = [np.minimum(w, len(t) - 3) for w, t in zip(windows, swapped_texts)]
     swapped = collate(batches.cfg, swapped_texts, prompts, targets, swapped_windows, device)
-    return Probe(batch, swapped, [u.rate for u in probe], [len(t) - 2 for t in texts])
+    return Probe(batch, swapped, [u.rate for u in probe], [len(t) - 2 for t in texts], [u.text for u in probe])
 
 
 def clock_baseline(train: list[Utterance], probe: Probe, patch_samples: int) -> dict[str, float]:
@@ -88,11 +91,28 @@ def _noise_for(x0: Tensor, history: Tensor) -> DiffusionNoise:
     return DiffusionNoise.draw(x0, history, cond_dropout=0.0, history_noise=0.0, generator=generator)
 
 
-@torch.no_grad()
-def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int, int], ...]) -> dict[str, float]:
+@contextmanager
+def evaluating(model: DiTAR) -> Iterator[None]:
+    """Eval mode and no gradients inside; the model's mode as it was after."""
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def probe_loss(model: DiTAR, probe: Probe) -> float:
+    """The probe's teacher-forced diffusion loss with its right text, alone."""
+    with evaluating(model):
+        forced = teacher_force(model, probe.batch)
+        noise = _noise_for(forced.x0, forced.history)
+        return float(velocity_loss(model, forced.x0, forced.cond, forced.history, noise))
+
+
+def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    with evaluating(model):
         layers = set(range(model.config.lm.layers))
         forced = teacher_force(model, probe.batch, layers)
         noise = _noise_for(forced.x0, forced.history)
@@ -105,8 +125,6 @@ def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int
         out.update(_head_metrics(forced.probs, forced.rows, probe, aligned_heads))
         if forced.advance is not None:
             out.update(_cursor_metrics(model, probe, forced.advance_logits.argmax(-1) == forced.advance))
-    finally:
-        model.train(was_training)
     return out
 
 

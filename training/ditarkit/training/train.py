@@ -43,7 +43,10 @@ from ditarkit.runtime.machine import cpu_flags
 from ditarkit.runtime.text import TextFrontend
 from ditarkit.training.curve import plot_curve
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
-from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline
+from ditarkit.training.ema import averaged
+from ditarkit.training.evaluate import Transcriber
+from ditarkit.training.forced import forced_sentences, forced_wer
+from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
 
 STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
 LOG_FILE = "log.jsonl"
@@ -56,13 +59,15 @@ CURVE_FILE = "curve.png"
 class Stage:
     """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
     (anything with state()/restore()) has its random state saved and restored with the
-    optimizer's and torch's."""
+    optimizer's and torch's. With `ema`, the checkpoint's weights are the moving average
+    (`sampling_model`) and the raw weights travel in the trainer state."""
 
     def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
-                 sampler=None) -> None:
+                 sampler=None, ema: float = 0.0) -> None:
         self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
         self.dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.average = averaged(model, ema) if ema else None
         self.lr, self.warmup, self.step = lr, warmup, 0
         self.resumed = False
         state = self.dir / STATE_FILE
@@ -75,6 +80,10 @@ class Stage:
     def _restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.step, self.resumed = saved["step"], True
+        if "model" in saved:  # the checkpoint held the average: the raw weights are here
+            self.model.load_state_dict(saved["model"])
+        if self.average is not None and "average" in saved:
+            self.average.load_state_dict(saved["average"])
         if "torch_rng" in saved:
             torch.set_rng_state(saved["torch_rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -90,11 +99,18 @@ class Stage:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * scale
 
+    @property
+    def sampling_model(self) -> DiTAR:
+        """The weights to sample, evaluate and ship: the moving average when there is one."""
+        return self.model if self.average is None else self.average.module
+
     def save(self) -> None:
-        save_checkpoint(self.model, self.dir)
+        save_checkpoint(self.sampling_model, self.dir)
         state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "sampler_rng": None if self.sampler is None else self.sampler.state()}
+        if self.average is not None:
+            state.update(model=self.model.state_dict(), average=self.average.state_dict())
         atomic_write(self.dir / STATE_FILE, lambda p: torch.save(state, p))
 
     def record(self, row: dict) -> None:
@@ -116,6 +132,8 @@ class Stage:
             self.set_lr()
             for key, value in step_fn().items():
                 totals[key] += value
+            if self.average is not None:
+                self.average.update_parameters(self.model)
             self.step += 1
             summed += 1
             if self.step % log_every == 0:
@@ -337,7 +355,7 @@ def train_ditar(args) -> None:
                           advance_weight=args.advance_weight)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
-    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches)
+    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema)
     if not stage.resumed and fresh:
         log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device), fresh)))
     evaluate = None
@@ -346,8 +364,16 @@ def train_ditar(args) -> None:
         log("ditar: a fixed-pace reader on the probe: " + json.dumps(
             clock_baseline(batches.items, probe_batch, batches.patch_samples)))
 
+        forced_rows, transcriber = forced_sentences(probe_batch, args.wer_sentences), None
+
         def evaluate() -> dict:
-            row = alignment_metrics(model, probe_batch, options.aligned_heads)
+            nonlocal transcriber
+            row = alignment_metrics(stage.sampling_model, probe_batch, options.aligned_heads)
+            if stage.average is not None:  # what the average gains over the weights it follows
+                row["probe_diffusion_raw"] = probe_loss(model, probe_batch)
+            if args.forced_wer_every and stage.step % args.forced_wer_every == 0 and forced_rows:
+                transcriber = transcriber or Transcriber()
+                row.update(forced_wer(stage.sampling_model, probe_batch, forced_rows, transcriber))
             if args.wer_every and stage.step % args.wer_every == 0 and stage.step:
                 stage.save()
                 row.update(free_running_wer(stage.dir, args.corpus, args.wer_sentences))
@@ -412,11 +438,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history-noise", type=float, default=0.3,
                         help="probability that a patch's LocDiT history is mixed with noise in training")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--ema", type=float, default=0.999,
+                        help="DiTAR stage: decay of the weights' moving average that is checkpointed (0: none)")
     parser.add_argument("--metrics-every", type=int, default=200, help="alignment metrics on the probe (0: never)")
     parser.add_argument("--wer-every", type=int, default=0,
                         help="free-running WER through an exported bundle every N steps (a multiple of "
                         "--metrics-every; 0: never)")
-    parser.add_argument("--wer-sentences", type=int, default=6, help="held-out sentences of that WER")
+    parser.add_argument("--forced-wer-every", type=int, default=0,
+                        help="teacher-forced WER on the probe every N steps (a multiple of --metrics-every; 0: never)")
+    parser.add_argument("--wer-sentences", type=int, default=6, help="held-out sentences of either WER")
     parser.add_argument("--isolated-history", choices=["on", "off"],
                         help="a new model's LocDiT history attention (default: the preset's)")
     parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
