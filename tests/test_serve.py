@@ -2,10 +2,13 @@
 the nvidia-pytriton wheel) on 127.0.0.1 with free ports, started and stopped (SIGINT) here.
 A stream equals offline synthesis, a registered voice equals the same reference sent inline,
 concurrent streams complete, bad requests get the runtime's one line and the server keeps
-serving, a client that leaves stops its generation, and ditar-loadtest reports in JSON."""
+serving, a client that leaves stops its generation, and ditar-loadtest reports in JSON. A tiny
+VoxCPM v1 bundle (a model that continues from its reference) is served with the reference's
+transcript and refused without it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -38,8 +41,9 @@ from ditarkit.runtime.text import TextError  # noqa: E402
 from ditarkit.serve.cli import loadtest_main, serve_main  # noqa: E402
 from ditarkit.serve.client import Client, RequestRefused  # noqa: E402
 from ditarkit.serve.loadtest import listening_pid  # noqa: E402
-from ditarkit.serve.protocol import MAX_TEXT_CHARS  # noqa: E402
+from ditarkit.serve.protocol import MAX_REFERENCE_TEXT_CHARS, MAX_TEXT_CHARS  # noqa: E402
 from ditarkit.serve.repository import MARKER  # noqa: E402
+from ditarkit.serve.voices import VoiceStore  # noqa: E402
 
 # The server runs the same graphs on the same ONNX Runtime build with the same thread count as
 # this process, so a stream is bit-identical to offline synthesis here; 1e-5 is the runtime's
@@ -222,6 +226,12 @@ BAD_REQUESTS = {
     "unknown voice": ({"voice_id": 12345, "audio": None, "sample_rate": None}, "unknown voice_id 12345"),
     "voice and audio": ({"voice_id": 12345}, "send either voice_id or reference_audio, not both"),
     "no voice": ({"audio": None, "sample_rate": None}, "send reference_audio"),
+    "oversized transcript": ({"reference_text": "w" * (MAX_REFERENCE_TEXT_CHARS + 1)},
+                             f"reference_text is {MAX_REFERENCE_TEXT_CHARS + 1} characters, over the server's limit "
+                             f"of {MAX_REFERENCE_TEXT_CHARS}"),
+    "transcript not UTF-8": ({"reference_text": b"caf\xe9"}, "reference_text is not UTF-8 (byte 0xe9 at offset 3)"),
+    "transcript with a voice_id": ({"voice_id": 12345, "audio": None, "sample_rate": None, "reference_text": "Hi."},
+                                   "reference_text was sent without reference_audio"),
     "cfg out of range": ({"cfg_scale": 100.0}, lambda s, r: _runtime_message(lambda: s.options(cfg_scale=100.0))),
     "temperature": ({"temperature": 2.0}, lambda s, r: _runtime_message(lambda: s.options(temperature=2.0))),
     "nfe": ({"nfe": 0}, lambda s, r: _runtime_message(lambda: s.options(nfe=0))),
@@ -245,6 +255,33 @@ def test_bad_request_is_refused_in_one_line_and_the_next_succeeds(server, synth,
         assert expected in message and "\n" not in message, message
         audio, _ = stream_audio(client, "Hi.", audio=reference, sample_rate=RATE, **OPTIONS)  # the same stream
     assert audio.size == RATE
+
+
+def test_a_model_that_reads_no_transcript_ignores_one(server, reference):
+    with Client(server.url) as client:
+        plain = client.register_voice(reference, RATE)
+        assert client.register_voice(reference, RATE, reference_text="Something else.").voice_id == plain.voice_id
+        without, _ = stream_audio(client, "Hi.", audio=reference, sample_rate=RATE, **OPTIONS)
+        given, _ = stream_audio(client, "Hi.", audio=reference, sample_rate=RATE, reference_text="Hello.", **OPTIONS)
+    assert given.shape == without.shape and np.abs(given - without).max() <= STREAM_TOLERANCE
+
+
+def test_voice_store_keeps_transcripts_and_still_reads_voices_kept_without(bundle, tmp_path):
+    store = VoiceStore(tmp_path, bundle)
+    latents = np.random.default_rng(0).standard_normal((25, 64)).astype(np.float32)
+    legacy = hashlib.sha256(store.key.encode() + latents.tobytes()).digest()[:8]
+    assert store.voice_id(latents) == int.from_bytes(legacy, "big") >> 1  # no transcript: the id it always had
+    ids = [store.put(latents), store.put(latents, "Hello."), store.put(latents, "Hi.")]
+    assert len(set(ids)) == 3 and store.put(latents, "Hello.") == ids[1]
+    other = VoiceStore(tmp_path, bundle)  # another instance's process: reads the files
+    assert [other.get(i).text for i in ids] == ["", "Hello.", "Hi."]
+    assert all(np.array_equal(other.get(i).latents, latents) for i in ids)
+    old, old_id = latents + 1, store.voice_id(latents + 1)  # kept before transcripts were: latents alone
+    with open(store.folder / f"{old_id:016x}.npy", "wb") as fh:
+        np.save(fh, old)
+    assert other.get(old_id).text == "" and np.array_equal(other.get(old_id).latents, old)
+    assert store.put(old) == old_id  # registered again: the old file stands for it
+    assert sorted(p.suffix for p in store.folder.iterdir()) == [".npy", ".npz", ".npz", ".npz"]  # no temp files
 
 
 def test_register_voice_refuses_broken_audio_and_keeps_serving(server, reference):
@@ -335,6 +372,8 @@ def test_write_repository_is_a_standard_triton_repository(bundle, tmp_path):
     config = (target / "ditar" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "decoupled: true" in config and "count: 3 kind: KIND_CPU" in config
     assert '{ name: "text" data_type: TYPE_UINT8 dims: [ -1 ] }' in config
+    transcript = '{ name: "reference_text" data_type: TYPE_UINT8 dims: [ -1 ] optional: true }'
+    assert transcript in config and transcript in (target / "register_voice" / "config.pbtxt").read_text()
     assert 'key: "bundle" value { string_value: "ditar/bundle" }' in config  # relative: the folder travels
     assert "decoupled" not in (target / "register_voice" / "config.pbtxt").read_text()
     model_py = (target / "ditar" / "1" / "model.py").read_text()
@@ -386,7 +425,7 @@ def test_a_written_repository_serves_on_its_own(bundle, reference, tmp_path):
             voice = client.register_voice(reference, RATE)
             audio, _ = stream_audio(client, "Hi.", voice_id=voice.voice_id, **OPTIONS)
         assert audio.size == RATE
-        assert list((target / "register_voice" / "voices").glob("*/*.npy"))  # kept inside the repository
+        assert list((target / "register_voice" / "voices").glob("*/*.npz"))  # kept inside the repository
     finally:
         assert running.stop() == 0
 
@@ -400,3 +439,107 @@ def test_serving_code_never_imports_torch():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
+
+
+# -- a model that continues from its reference (VoxCPM v1) reads the reference's transcript ------
+
+VOX_RATE, VOX_TEXT, VOX_TRANSCRIPTS = 16_000, "hello hello", ("hell", "hello")
+VOX_HOP, VOX_PATCH = 640, 2  # 16 kHz / 640: a second of reference is 12.5 patches, as in the release
+# The prompt holds 1.2 s of reference (at least 1 s is needed, and a transcript-reading model
+# refuses a longer one rather than cutting it); 10 patches of speech; the tokens of text and transcript.
+VOX_LIMITS = {"max_tokens": 12, "max_seconds": 10.5 * VOX_PATCH * VOX_HOP / VOX_RATE,
+              "max_prompt_seconds": 18.5 * VOX_PATCH * VOX_HOP / VOX_RATE}
+VOX_OPTIONS = {"seed": 5, "max_seconds": 0.4, "stop_threshold": NEVER_STOP}  # 5 patches a request
+
+
+@pytest.fixture(scope="module")
+def voxcpm_bundle(tmp_path_factory) -> Path:
+    """A tiny random VoxCPM v1 checkpoint (tests/voxcpm_oracle.py) with the release's VAE hop,
+    so that a reference of more than a second fits its prompt, exported without a parity run
+    (test_voxcpm_runtime.py checks the export; here the server is checked against the runtime)."""
+    if importlib.util.find_spec("voxcpm") is None:
+        pytest.skip("building a VoxCPM checkpoint needs the voxcpm package (tests/oracle-requirements.txt)")
+    from voxcpm_oracle import build_package_model, tiny_config, write_checkpoint
+
+    from ditarkit.export.voxcpm.export import export_voxcpm
+
+    config = tiny_config("voxcpm")
+    config["max_length"] = 64  # LM positions for the limits above
+    config["audio_vae_config"].update(encoder_rates=[2, 5, 8, 8], decoder_rates=[8, 8, 5, 2], decoder_dim=32)
+    root = tmp_path_factory.mktemp("voxcpm")
+    folder = write_checkpoint(root / "checkpoint", config, build_package_model(config, seed=3))
+    manifest, _ = export_voxcpm(folder, root / "bundle", parity=False, **VOX_LIMITS)
+    assert manifest.config.prompt.needs_reference_text and manifest.config.audio.hop_length == VOX_HOP
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def voxcpm_synth(voxcpm_bundle):
+    with Synthesizer(voxcpm_bundle) as synth:
+        yield synth
+
+
+@pytest.fixture(scope="module")
+def voxcpm_server(voxcpm_bundle, tmp_path_factory):
+    running = RunningServer([str(voxcpm_bundle)], tmp_path_factory.mktemp("log") / "voxcpm.log")
+    yield running
+    assert running.stop() == 0, running.server_log()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def voxcpm_reference() -> np.ndarray:
+    return speech_like(1.2, VOX_RATE)
+
+
+def test_a_model_that_continues_from_its_reference_is_served_with_its_transcript(
+        voxcpm_server, voxcpm_synth, voxcpm_reference):
+    ref = {"audio": voxcpm_reference, "sample_rate": VOX_RATE}
+    with Client(voxcpm_server.url) as client:
+        voices = [client.register_voice(voxcpm_reference, VOX_RATE, reference_text=t) for t in VOX_TRANSCRIPTS]
+        assert voices[0].voice_id != voices[1].voice_id  # the same audio, another transcript: another voice
+        assert client.register_voice(voxcpm_reference, VOX_RATE, VOX_TRANSCRIPTS[0]).voice_id == voices[0].voice_id
+        by_id = [stream_audio(client, VOX_TEXT, voice_id=v.voice_id, **VOX_OPTIONS)[0] for v in voices]
+        inline, _ = stream_audio(client, VOX_TEXT, **ref, reference_text=VOX_TRANSCRIPTS[0], **VOX_OPTIONS)
+    options = voxcpm_synth.options(**VOX_OPTIONS)
+    for transcript, audio in zip(VOX_TRANSCRIPTS, by_id, strict=True):
+        voice = voxcpm_synth.voice(voxcpm_reference, VOX_RATE, text=transcript)
+        expected = voxcpm_synth.synthesize(VOX_TEXT, voice, options)
+        assert audio.shape == expected.shape == (5 * VOX_PATCH * VOX_HOP,)
+        assert np.abs(audio - expected).max() <= STREAM_TOLERANCE
+    assert np.abs(inline - by_id[0]).max() <= STREAM_TOLERANCE
+    assert np.abs(by_id[0] - by_id[1]).max() > 0  # the transcript is read: it changes the speech
+
+
+def test_a_model_that_continues_from_its_reference_refuses_one_without_transcript(
+        voxcpm_server, voxcpm_synth, voxcpm_reference):
+    reason = _runtime_message(lambda: voxcpm_synth.voice(voxcpm_reference, VOX_RATE))
+    with Client(voxcpm_server.url) as client:
+        refusals = []
+        for call in (lambda: client.register_voice(voxcpm_reference, VOX_RATE),
+                     lambda: client.register_voice(voxcpm_reference, VOX_RATE, reference_text="  "),
+                     lambda: list(client.stream(VOX_TEXT, audio=voxcpm_reference, sample_rate=VOX_RATE,
+                                                **VOX_OPTIONS))):
+            with pytest.raises(RequestRefused) as refused:
+                call()
+            refusals.append(str(refused.value))
+        audio, _ = stream_audio(client, VOX_TEXT, audio=voxcpm_reference, sample_rate=VOX_RATE,
+                                reference_text=VOX_TRANSCRIPTS[0], **VOX_OPTIONS)  # the same stream goes on
+    for message in refusals:
+        assert message == f"reference_text: {reason}" and "\n" not in message, message
+    assert audio.size == 5 * VOX_PATCH * VOX_HOP
+
+
+def test_loadtest_passes_the_reference_transcript(voxcpm_server, voxcpm_reference, tmp_path):
+    wav = tmp_path / "voice.wav"
+    sf.write(wav, voxcpm_reference, VOX_RATE, subtype="FLOAT")
+    args = ["--url", voxcpm_server.url, "--ref", str(wav), "--text", VOX_TEXT, "--streams", "1", "--requests", "2",
+            "--max-seconds", "0.4", "--exact-length", "-q"]
+    for register in ([], ["--inline-voice"]):
+        result = CliRunner().invoke(loadtest_main, [*args, *register, "--ref-text", VOX_TRANSCRIPTS[0]])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["completed"] == 2 and report["errors"] == 0, report["error_messages"]
+        assert report["plan"]["reference_text"] == VOX_TRANSCRIPTS[0]
+    refused = CliRunner().invoke(loadtest_main, args)  # registering the voice fails, in one line
+    assert refused.exit_code == 1 and "reference_text: this model continues from its reference" in refused.stderr
+    assert "Traceback" not in refused.output

@@ -148,6 +148,8 @@ def run_server(repository: Path, workspace: Path, address: Address, verbose: boo
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="The server's gRPC address (this machine).")
 @click.option("--ref", "reference", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Reference voice (an audio file).")
+@click.option("--ref-text", default="",
+              help="What the reference says: needed by models that continue from it (VoxCPM 0.5B / 1.5).")
 @click.option("--text", default=DEFAULT_TEXT, show_default=True)
 @click.option("--streams", type=click.IntRange(1, 64), default=4, show_default=True, help="Concurrent clients.")
 @click.option("--requests", type=click.IntRange(1, 10_000), default=16, show_default=True,
@@ -166,7 +168,7 @@ def run_server(repository: Path, workspace: Path, address: Address, verbose: boo
                                                             "listening on the port).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def loadtest_main(url, reference, text, streams, requests, duration, timeout, seed, max_seconds, exact_length,
+def loadtest_main(url, reference, ref_text, text, streams, requests, duration, timeout, seed, max_seconds, exact_length,
                   inline_voice, server_pid, json_path, quiet) -> None:
     """Run STREAMS concurrent streaming clients against a ditar server on this machine, and print
     time to first chunk, RTF, throughput, errors and the server's memory as JSON."""
@@ -181,7 +183,7 @@ def loadtest_main(url, reference, text, streams, requests, duration, timeout, se
         check_loopback(url)  # before anything is read or sent
         audio, rate = read_audio(reference)
         plan = LoadPlan(url, text, to_mono(audio), rate, streams, requests, duration, timeout, not inline_voice,
-                        {k: v for k, v in options.items() if v is not None})
+                        {k: v for k, v in options.items() if v is not None}, ref_text)
         results = run_load(plan, log, server_pid)
     except ImportError as err:
         raise click.ClickException(f"the load test needs tritonclient: {one_line(err)}") from None

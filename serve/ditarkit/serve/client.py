@@ -1,7 +1,8 @@
 """A client for the `ditar` and `register_voice` models over Triton's gRPC stream.
 
     with Client("127.0.0.1:8001") as client:
-        voice = client.register_voice(audio, 24_000)            # once per voice
+        voice = client.register_voice(audio, 24_000)            # once per voice (+ its transcript,
+                                                                # reference_text=, for VoxCPM v1)
         for chunk in client.stream("Hello there.", voice_id=voice.voice_id, seed=3):
             play(chunk.audio)                                   # float32 at chunk.sample_rate
 
@@ -31,6 +32,7 @@ from ditarkit.serve.protocol import (
     OPTIONS,
     REFERENCE_AUDIO,
     REFERENCE_RATE,
+    REFERENCE_TEXT,
     SAMPLE_RATE,
     SPEECH_INPUTS,
     SPEECH_MODEL,
@@ -75,22 +77,39 @@ def _input(name: str, value: Any) -> triton.InferInput:
     return tensor
 
 
-def speech_inputs(text: str | bytes, voice_id: int | None = None, audio: np.ndarray | None = None,
-                  sample_rate: int | None = None, chunk_patches: int | None = None,
-                  **options: float | int | None) -> list[triton.InferInput]:
-    """The request tensors; `options` are GenerationOptions fields (cfg_scale, temperature,
-    nfe, seed, max_seconds, stop_threshold), checked by the server."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown options {unknown}; the server takes {sorted(OPTIONS)}")
+def _utf8(name: str, text: str | bytes) -> triton.InferInput:
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    inputs = [_input(TEXT, np.frombuffer(data, np.uint8))]
-    if voice_id is not None:
-        inputs.append(_input(VOICE_ID, [voice_id]))
+    return _input(name, np.frombuffer(data, np.uint8))
+
+
+def reference_inputs(audio: np.ndarray | None, sample_rate: int | None,
+                     reference_text: str | bytes | None = None) -> list[triton.InferInput]:
+    """A reference's tensors: each one given (the server says what is missing); an empty
+    transcript is not sent."""
+    inputs = []
     if audio is not None:
         inputs.append(_input(REFERENCE_AUDIO, audio))
     if sample_rate is not None:
         inputs.append(_input(REFERENCE_RATE, [sample_rate]))
+    if reference_text:
+        inputs.append(_utf8(REFERENCE_TEXT, reference_text))
+    return inputs
+
+
+def speech_inputs(text: str | bytes, voice_id: int | None = None, audio: np.ndarray | None = None,
+                  sample_rate: int | None = None, reference_text: str | bytes | None = None,
+                  chunk_patches: int | None = None, **options: float | int | None) -> list[triton.InferInput]:
+    """The request tensors; `reference_text` is the reference's transcript (read by models
+    that continue from their reference, ignored by the others); `options` are
+    GenerationOptions fields (cfg_scale, temperature, nfe, seed, max_seconds, stop_threshold),
+    checked by the server."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; the server takes {sorted(OPTIONS)}")
+    inputs = [_utf8(TEXT, text)]
+    if voice_id is not None:
+        inputs.append(_input(VOICE_ID, [voice_id]))
+    inputs += reference_inputs(audio, sample_rate, reference_text)
     if chunk_patches is not None:
         inputs.append(_input(CHUNK_PATCHES, [chunk_patches]))
     inputs += [_input(name, [value]) for name, value in options.items() if value is not None]
@@ -107,8 +126,11 @@ class Client:
         self._responses: queue.Queue | None = None  # the open stream's, None when closed
         self._ids = itertools.count()
 
-    def register_voice(self, audio: np.ndarray, sample_rate: int) -> RegisteredVoice:
-        inputs = [_input(REFERENCE_AUDIO, audio), _input(REFERENCE_RATE, [sample_rate])]
+    def register_voice(self, audio: np.ndarray, sample_rate: int,
+                       reference_text: str | bytes | None = None) -> RegisteredVoice:
+        """Keep a voice on the server; `reference_text`, what the reference says, is kept with
+        it for models that continue from their reference (they refuse a voice without it)."""
+        inputs = reference_inputs(audio, sample_rate, reference_text)
         try:
             result = self._client.infer(VOICE_MODEL, inputs, client_timeout=self.timeout)
         except InferenceServerException as err:
@@ -117,7 +139,8 @@ class Client:
 
     def stream(self, text: str | bytes, **request: Any) -> Iterator[Chunk]:
         """Chunks as the server makes them, the last with final=True and no audio. Keyword
-        arguments are speech_inputs' (voice_id or audio + sample_rate, options)."""
+        arguments are speech_inputs' (voice_id, or audio + sample_rate [+ reference_text];
+        options)."""
         inputs = speech_inputs(text, **request)  # bad arguments raise here, before anything is sent
         return self._stream(inputs)
 

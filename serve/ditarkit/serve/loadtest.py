@@ -37,6 +37,7 @@ class LoadPlan:
     timeout: float = 120.0
     register: bool = True  # register the voice once and send its id (else the audio every time)
     options: dict[str, Any] = field(default_factory=dict)
+    reference_text: str = ""  # what the reference says (models that continue from it need it)
 
 
 @dataclass
@@ -69,10 +70,11 @@ def run_load(plan: LoadPlan, log: Callable[[str], None], server_pid: int | None 
     _, port = check_loopback(plan.url)
     pid = server_pid or listening_pid(port)
     rss_before = tree_rss_mib(pid)
-    voice: dict[str, Any] = {"audio": plan.audio, "sample_rate": plan.sample_rate}
+    voice: dict[str, Any] = {"audio": plan.audio, "sample_rate": plan.sample_rate,
+                             "reference_text": plan.reference_text}
     if plan.register:
         with Client(plan.url, plan.timeout) as client:
-            registered: RegisteredVoice = client.register_voice(plan.audio, plan.sample_rate)
+            registered: RegisteredVoice = client.register_voice(plan.audio, plan.sample_rate, plan.reference_text)
         voice = {"voice_id": registered.voice_id}
         log(f"voice {registered.voice_id} registered ({registered.seconds:.1f} s)")
     results: list[RequestResult] = []

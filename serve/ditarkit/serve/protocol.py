@@ -5,7 +5,8 @@ Model `ditar` (decoupled: one request, many responses):
     text                   UINT8 [-1]  the text, UTF-8 encoded (see below why not BYTES)
     voice_id               INT64 [1]   a voice registered earlier with `register_voice`, or
     reference_audio        FP32  [-1]  mono samples of a reference recording, with
-    reference_sample_rate  INT32 [1]   its sample rate
+    reference_sample_rate  INT32 [1]   its sample rate, and optionally
+    reference_text         UINT8 [-1]  what the reference says, UTF-8 encoded as text is
     cfg_scale, temperature, max_seconds, stop_threshold   FP64 [1], optional
     nfe, chunk_patches     INT32 [1], optional;  seed  INT64 [1], optional
   responses, in order:
@@ -15,16 +16,24 @@ Model `ditar` (decoupled: one request, many responses):
     sample_rate  INT32 [1]
   A bad request gets one Triton error with the runtime's one-line reason, and no audio.
 
-Model `register_voice`: reference_audio + reference_sample_rate in; voice_id (INT64 [1]) and
-voice_seconds (FP64 [1], the reference kept after trimming) out. The voice is encoded once and
-its latents are kept on the server, so later requests send 8 bytes instead of the recording.
+Model `register_voice`: reference_audio + reference_sample_rate (+ reference_text, optional)
+in; voice_id (INT64 [1]) and voice_seconds (FP64 [1], the reference kept after trimming) out.
+The voice is encoded once and its latents are kept on the server, with its transcript, so later
+requests send 8 bytes instead of the recording.
 
-Every tensor is a number array. Text travels as UTF-8 bytes in UINT8 rather than as a BYTES
-tensor because the python backend that PyTriton 0.7 ships (Triton 2.51) reads request tensors
-through pybind11's numpy bridge, which is built for numpy 1: under numpy 2 a BYTES input
-crashes the model's process and a numeric input arrives as zeros. Numeric tensors can go by
-DLPack instead, which BYTES cannot, so with numbers only the same repository runs under
-numpy 1 and 2 (triton_model.py picks the way per numpy). Options are FP64 so that a value
+reference_text is the reference's transcript. A model that continues from its reference (VoxCPM
+v1: the manifest's config.prompt.needs_reference_text) reads it before the text to speak, and
+refuses a reference without one (one Triton error with the runtime's reason, no audio). A model
+that does not read transcripts ignores a given one: the audio, and a registered voice's id, are
+what they are without it. It travels with the reference: a registered voice keeps its own, so a
+request with a voice_id sends none.
+
+Every tensor is a number array. Text (and reference_text) travels as UTF-8 bytes in UINT8
+rather than as a BYTES tensor because the python backend that PyTriton 0.7 ships (Triton 2.51)
+reads request tensors through pybind11's numpy bridge, which is built for numpy 1: under numpy 2
+a BYTES input crashes the model's process and a numeric input arrives as zeros. Numeric
+tensors can go by DLPack instead, which BYTES cannot, so with numbers only the same repository
+runs under numpy 1 and 2 (triton_model.py picks the way per numpy). Options are FP64 so that a value
 means on the server exactly what it means in the client's Python (FP32 would turn 0.3 into
 0.30000001), and a stream can equal an offline synthesis with the same options bit for bit.
 """
@@ -44,6 +53,7 @@ TEXT = "text"
 VOICE_ID = "voice_id"
 REFERENCE_AUDIO = "reference_audio"
 REFERENCE_RATE = "reference_sample_rate"
+REFERENCE_TEXT = "reference_text"
 CHUNK_PATCHES = "chunk_patches"
 AUDIO = "audio"
 CHUNK_INDEX = "chunk_index"
@@ -60,10 +70,17 @@ OPTIONS = {"cfg_scale": "FP64", "temperature": "FP64", "nfe": "INT32", "seed": "
 # of speech, the most one client may hold an instance for. UTF-8 needs at most 4 bytes a
 # character, so longer byte strings are refused before they are decoded.
 MAX_TEXT_CHARS = 2000
-MAX_TEXT_BYTES = 4 * MAX_TEXT_CHARS
+TEXT_SECONDS = 120.0  # what MAX_TEXT_CHARS takes to say: about 17 characters a second
+UTF8_MAX_BYTES = 4
+MAX_TEXT_BYTES = UTF8_MAX_BYTES * MAX_TEXT_CHARS
 # The runtime keeps only the reference's last max_prompt_seconds (10 s for every preset);
 # more is only transfer and resampling work.
 MAX_REFERENCE_SECONDS = 60.0
+# A transcript says what its reference says, and the model's prompt is at most the reference:
+# at the speaking rate above, MAX_REFERENCE_SECONDS of speech is 1,000 characters (a 10 s
+# prompt says ~170). Byte strings over 4 bytes a character are refused undecoded, as text is;
+# the model's own token limit (text and transcript together) is the runtime's to check.
+MAX_REFERENCE_TEXT_CHARS = round(MAX_TEXT_CHARS * MAX_REFERENCE_SECONDS / TEXT_SECONDS)
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 384_000  # telephone to the highest studio rate
 MAX_CHUNK_PATCHES = 64  # as ditar-run's --chunk-patches
 
@@ -84,6 +101,7 @@ SPEECH_INPUTS = (
     TensorSpec(VOICE_ID, "INT64", (1,), optional=True),
     TensorSpec(REFERENCE_AUDIO, "FP32", (-1,), optional=True),
     TensorSpec(REFERENCE_RATE, "INT32", (1,), optional=True),
+    TensorSpec(REFERENCE_TEXT, "UINT8", (-1,), optional=True),
     *(TensorSpec(name, dtype, (1,), optional=True) for name, dtype in OPTIONS.items()),
     TensorSpec(CHUNK_PATCHES, "INT32", (1,), optional=True),
 )
@@ -93,7 +111,8 @@ SPEECH_OUTPUTS = (
     TensorSpec(FINAL, "BOOL", (1,)),
     TensorSpec(SAMPLE_RATE, "INT32", (1,)),
 )
-VOICE_INPUTS = (TensorSpec(REFERENCE_AUDIO, "FP32", (-1,)), TensorSpec(REFERENCE_RATE, "INT32", (1,)))
+VOICE_INPUTS = (TensorSpec(REFERENCE_AUDIO, "FP32", (-1,)), TensorSpec(REFERENCE_RATE, "INT32", (1,)),
+                TensorSpec(REFERENCE_TEXT, "UINT8", (-1,), optional=True))
 VOICE_OUTPUTS = (TensorSpec(VOICE_ID, "INT64", (1,)), TensorSpec(VOICE_SECONDS, "FP64", (1,)))
 
 # name -> the request's tensor as a numpy array, or None when the request does not carry it
@@ -112,6 +131,7 @@ class UnknownVoice(RequestError):
 class Reference:
     audio: np.ndarray  # (samples,) float32
     sample_rate: int
+    text: str = ""  # its transcript; "" when none was sent
 
 
 @dataclass(frozen=True)
@@ -128,21 +148,35 @@ def one_line(err: object) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def parse_text(raw: np.ndarray | None) -> str:
-    if raw is None or raw.size == 0:
-        raise RequestError(f"{TEXT} is empty: send the text to speak as UTF-8 bytes (UINT8)")
-    if raw.size > MAX_TEXT_BYTES:
-        raise RequestError(f"{TEXT} is {raw.size} bytes, over the server's limit of {MAX_TEXT_BYTES}: "
-                           "send it in parts")
+def _utf8(raw: np.ndarray, name: str, max_chars: int, advice: str) -> str:
+    """UTF-8 bytes (UINT8) as a string of at most `max_chars` characters; the byte count is
+    checked before decoding."""
+    if raw.size > UTF8_MAX_BYTES * max_chars:
+        raise RequestError(f"{name} is {raw.size} bytes, over the server's limit of {UTF8_MAX_BYTES * max_chars}: "
+                           f"{advice}")
     data = np.ascontiguousarray(raw, dtype=np.uint8).tobytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise RequestError(f"{TEXT} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start})") from None
-    if len(text) > MAX_TEXT_CHARS:
-        raise RequestError(f"{TEXT} is {len(text)} characters, over the server's limit of {MAX_TEXT_CHARS}: "
-                           "send it in parts")
+        raise RequestError(f"{name} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start})") from None
+    if len(text) > max_chars:
+        raise RequestError(f"{name} is {len(text)} characters, over the server's limit of {max_chars}: {advice}")
     return text
+
+
+def parse_text(raw: np.ndarray | None) -> str:
+    if raw is None or raw.size == 0:
+        raise RequestError(f"{TEXT} is empty: send the text to speak as UTF-8 bytes (UINT8)")
+    return _utf8(raw, TEXT, MAX_TEXT_CHARS, "send it in parts")
+
+
+def parse_reference_text(raw: np.ndarray | None) -> str:
+    """The reference's transcript, "" when absent or empty (whether the model needs one is the
+    runtime's to say)."""
+    if raw is None or raw.size == 0:
+        return ""
+    return _utf8(raw, REFERENCE_TEXT, MAX_REFERENCE_TEXT_CHARS,
+                 f"a transcript says what its reference says, at most {MAX_REFERENCE_SECONDS:g} s of speech")
 
 
 def scalar(get: Getter, name: str) -> np.generic | None:
@@ -156,14 +190,18 @@ def scalar(get: Getter, name: str) -> np.generic | None:
 
 
 def parse_reference(get: Getter, required: bool) -> Reference | None:
-    """Reference audio and its rate, bounded here; whether it holds a usable voice (silence,
-    NaN, too short) is the runtime's prepare_reference to say."""
+    """Reference audio, its rate and its transcript, bounded here; whether it holds a usable
+    voice (silence, NaN, too short, a transcript missing) is the runtime's to say."""
     audio, rate = get(REFERENCE_AUDIO), scalar(get, REFERENCE_RATE)
+    transcript = parse_reference_text(get(REFERENCE_TEXT))
     if audio is None:
         if rate is not None:
             raise RequestError(f"{REFERENCE_RATE} was sent without {REFERENCE_AUDIO}")
         if required:
             raise RequestError(f"send {REFERENCE_AUDIO} (FP32 mono samples) and {REFERENCE_RATE}")
+        if transcript:
+            raise RequestError(f"{REFERENCE_TEXT} was sent without {REFERENCE_AUDIO} (a registered voice "
+                               "keeps the transcript it was registered with)")
         return None
     if rate is None:
         raise RequestError(f"{REFERENCE_AUDIO} needs its {REFERENCE_RATE}")
@@ -175,7 +213,7 @@ def parse_reference(get: Getter, required: bool) -> Reference | None:
     if seconds > MAX_REFERENCE_SECONDS:
         raise RequestError(f"{REFERENCE_AUDIO} is {seconds:.1f} s, over the server's limit of "
                            f"{MAX_REFERENCE_SECONDS:g} s (the model uses at most its last 10 s)")
-    return Reference(audio, rate)
+    return Reference(audio, rate, transcript)
 
 
 def parse_speech_request(get: Getter) -> SpeechRequest:

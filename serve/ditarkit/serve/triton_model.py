@@ -18,7 +18,7 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ditarkit.serve.protocol import (
     CHUNK_INDEX,
     FINAL,
     REFERENCE_AUDIO,
+    REFERENCE_TEXT,
     SAMPLE_RATE,
     VOICE_ID,
     VOICE_SECONDS,
@@ -116,10 +117,16 @@ class _Model:
         self.synth.close()
 
     def encode(self, reference: Reference) -> Voice:
+        """The reference's voice, with its transcript where the model reads one (refused
+        without it, in the runtime's words); a model that does not read it gets none."""
+        reads_transcript = self.synth.config.prompt.needs_reference_text
         try:
-            return self.synth.voice(reference.audio, reference.sample_rate)
+            voice = self.synth.voice(reference.audio, reference.sample_rate, text=reference.text)
         except AudioError as err:  # the runtime names an array reference "array"
             raise RequestError(f"{REFERENCE_AUDIO}: {one_line(err)}") from None
+        except OptionsError as err:  # the transcript is missing
+            raise RequestError(f"{REFERENCE_TEXT}: {one_line(err)}") from None
+        return voice if reads_transcript else replace(voice, text="")
 
 
 class SpeechModel(_Model):
@@ -163,9 +170,10 @@ class SpeechModel(_Model):
     def _voice(self, job: SpeechRequest) -> Voice:
         if job.reference is not None:
             return self.encode(job.reference)
-        latents = self.voices.get(job.voice_id)
+        stored = self.voices.get(job.voice_id)
         cfg = self.synth.config
-        return Voice(latents, latents.shape[0] * cfg.audio.hop_length / cfg.audio.sample_rate, f"voice {job.voice_id}")
+        seconds = stored.latents.shape[0] * cfg.audio.hop_length / cfg.audio.sample_rate
+        return Voice(stored.latents, seconds, f"voice {job.voice_id}", stored.text)
 
     def _response(self, chunk: np.ndarray, index: int, final: bool) -> Any:
         return pb_utils.InferenceResponse(output_tensors=[
@@ -187,7 +195,7 @@ class VoiceModel(_Model):
             start = time.perf_counter()
             reference = parse_reference(lambda name: _read(request, name), required=True)
             voice = self.encode(reference)
-            voice_id = self.voices.put(voice.latents)
+            voice_id = self.voices.put(voice.latents, voice.text)
             pb_utils.Logger.log_info(f"{self.instance}: voice {voice_id} ({voice.seconds:.1f} s) in "
                                      f"{1000 * (time.perf_counter() - start):.0f} ms")
             return pb_utils.InferenceResponse(output_tensors=[
