@@ -247,7 +247,7 @@ class Synthesizer:
         self._check_open()
         if self.config.prompt.needs_reference_text and not text.strip():
             raise OptionsError("this model continues from its reference: give the reference's transcript "
-                               "(--ref-text)")
+                               "(ditar-run --ref-text; reference_text when served)")
         if isinstance(reference, np.ndarray):
             if sample_rate is None:
                 raise ValueError("sample_rate is required with an array reference")
