@@ -14,6 +14,7 @@ from conftest import speech_like
 from ditarkit.reference.checkpoint import load_checkpoint
 from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextFrontend
+from ditarkit.training import train
 from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
 from ditarkit.training.forced import forced_audio, forced_sentences, forced_wer
 from ditarkit.training.metrics import build_probe
@@ -40,6 +41,20 @@ def _corpus(root):
     probe = [_row(root, "probe", f"p{i}", "v0", t, 1.2 + 0.3 * i, 10 + i) for i, t in enumerate(TEXTS[:2])]
     (root / "probe.jsonl").write_text("\n".join(probe) + "\n")
     return root
+
+
+class SilentTranscriber:
+    """Whisper's stand-in: hears nothing, so every WER the log gets is 100%."""
+
+    def __call__(self, audio: np.ndarray, rate: int) -> str:
+        return ""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_whisper():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "Transcriber", SilentTranscriber)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +101,7 @@ def test_ditar_logs_alignment_metrics_and_draws_the_curve(trained):
     assert {"aligned_error_r1.25", "best_head"} <= set(metrics[-1])
     forced = [r for r in metrics if "forced_wer_pct" in r]
     assert [r["step"] for r in forced] == [0, 4]  # every --forced-wer-every steps
-    assert all(r["forced_wer_pct"] >= 0 and r["round_trip_wer_pct"] >= 0 for r in forced)
+    assert all(r["forced_wer_pct"] == 100.0 and r["round_trip_wer_pct"] == 100.0 for r in forced)  # heard nothing
     assert (run / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -98,8 +113,9 @@ def test_the_checkpoint_holds_the_moving_average_and_the_log_its_gain(trained):
     trained_names = [k for k in raw if not k.startswith("vae.") and raw[k].is_floating_point()]
     assert any(not torch.equal(average[k], raw[k]) for k in trained_names)
     assert all(torch.equal(average[k], raw[k]) for k in raw if k.startswith("vae."))  # frozen: no drift
-    rows = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
-    assert all(r["probe_diffusion_raw"] > 0 for r in rows if "gap_swapped_text_pct" in r)
+    rows = [r for r in map(json.loads, (run / LOG_FILE).read_text().splitlines()) if "gap_swapped_text_pct" in r]
+    assert rows[0]["probe_diffusion"] == rows[0]["probe_diffusion_raw"]  # step 0: the average is the weights
+    assert all(r["probe_diffusion_raw"] > 0 for r in rows)
 
 
 def test_teacher_forced_audio_is_drawn_per_patch_reproducibly_and_scored(trained):
@@ -136,3 +152,13 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
     args = [a if a != HEADS else "5:0" for a in common]
     with pytest.raises(SystemExit, match="outside the LM's 2 layers x 4 heads"):
         main(["ditar", *args, "--run", str(root / "bad"), "--steps", "1", "--vae-from", str(run / "vae")])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ema", "1.0"], "--ema 1.0 is not a decay in"),
+    (["--metrics-every", "3", "--forced-wer-every", "4"], "--forced-wer-every 4 is not a multiple of"),
+    (["--metrics-every", "0", "--wer-every", "4"], "--wer-every 4 is not a multiple of --metrics-every 0"),
+])
+def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["ditar", "--run", str(tmp_path), *flags])

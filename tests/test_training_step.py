@@ -89,14 +89,18 @@ def test_alignment_loss_averages_every_position_of_every_utterance_and_head():
     windows = torch.tensor([[[0, 0], [1, 1], [2, 2]], [[0, 1], [2, 3], [0, 0]]])  # (B, n, 2), second row n = 2
     rows = [(0, 10, 3), (1, 12, 2)]  # (utterance, first speech position, patches)
     layers = [torch.zeros(2, heads, seq, seq) for _ in range(2)]
-    masses = {(0, 1): 0.5, (1, 0): 0.25}  # (layer, head) -> mass it puts on each window
-    for (layer, head), mass in masses.items():
+    chosen = ((0, 1), (1, 0))
+    masses = []  # a different mass on the window at every (head, utterance, position)
+    for k, (layer, head) in enumerate(chosen):
         for b, first, n in rows:
             for j in range(n):
+                mass = 0.9 / (1 + k + 2 * b + j)
+                masses.append(mass)
                 layers[layer][b, head, first + j, 1 + int(windows[b, j, 0])] = mass  # the window's first character
                 layers[layer][b, head, first + j, seq - 1] = 1 - mass  # the rest on a speech position
-    expected = (-math.log(0.5) - math.log(0.25)) / 2  # each of the 5 positions weighs the same under both heads
-    loss = alignment_loss(layers, ((0, 1), (1, 0)), rows, windows).item()
+    # a mean over all 10 (head, position) pairs: not a mean of per-utterance or per-head means
+    expected = sum(-math.log(m) for m in masses) / len(masses)
+    loss = alignment_loss(layers, chosen, rows, windows).item()
     assert loss == pytest.approx(expected, abs=1e-5)  # the loss adds eps = 1e-6 inside its log
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from ditarkit.reference.losses import teacher_force
 from ditarkit.reference.model import DiTAR
@@ -47,13 +46,12 @@ def forced_audio(model: DiTAR, probe: Probe, rows: list[int]) -> tuple[list[np.n
         for row in rows:
             start, count = spans[row]
             noise = seeded_noise(FORCED_SEED + row, cfg.patch_size, cfg.audio.latent_dim)
-            patches = [runner.draw_patch(forced.cond[start + i].float().numpy(),
-                                         forced.history[start + i].float().numpy(), noise(i),
-                                         spec.nfe, spec.cfg_scale, spec.temperature) for i in range(count)]
-            latents = torch.from_numpy(np.concatenate(patches))[None]
-            drawn.append(model.vae.decode(latents)[0].numpy())
-            true.append(model.vae.decode(forced.x0[start : start + count].reshape(1, -1, cfg.audio.latent_dim))[0]
-                        .numpy())
+            cond, history = (t[start : start + count].float().cpu().numpy() for t in (forced.cond, forced.history))
+            patches = [runner.draw_patch(cond[i], history[i], noise(i), spec.nfe, spec.cfg_scale, spec.temperature)
+                       for i in range(count)]
+            drawn.append(runner.decode_latents(np.concatenate(patches)))
+            x0 = forced.x0[start : start + count].reshape(-1, cfg.audio.latent_dim)
+            true.append(runner.decode_latents(x0.float().cpu().numpy()))
     return drawn, true
 
 

@@ -84,6 +84,10 @@ class Stage:
             self.model.load_state_dict(saved["model"])
         if self.average is not None and "average" in saved:
             self.average.load_state_dict(saved["average"])
+        elif self.average is not None:
+            log(f"{self.name}: the state has no moving average: it starts from the checkpoint's weights")
+        elif "average" in saved:
+            log(f"{self.name}: the moving average in the state is dropped (no --ema): training the raw weights")
         if "torch_rng" in saved:
             torch.set_rng_state(saved["torch_rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -98,6 +102,13 @@ class Stage:
         scale = min(1.0, (self.step + 1) / self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * scale
+
+    def restart_average(self) -> None:
+        """The average starts again at the weights as they are (after a change made to them
+        outside training, such as balancing the scales of new parts)."""
+        if self.average is not None:
+            self.average.module.load_state_dict(self.model.state_dict())
+            self.average.n_averaged.zero_()
 
     @property
     def sampling_model(self) -> DiTAR:
@@ -358,6 +369,7 @@ def train_ditar(args) -> None:
     stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema)
     if not stage.resumed and fresh:
         log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device), fresh)))
+        stage.restart_average()
     evaluate = None
     if probe:
         probe_batch = build_probe(probe, batches, args.device)
@@ -365,6 +377,8 @@ def train_ditar(args) -> None:
             clock_baseline(batches.items, probe_batch, batches.patch_samples)))
 
         forced_rows, transcriber = forced_sentences(probe_batch, args.wer_sentences), None
+        if args.forced_wer_every and not forced_rows:
+            log("ditar: no probe sentence at rate 1.0: no teacher-forced WER")
 
         def evaluate() -> dict:
             nonlocal transcriber
@@ -390,6 +404,17 @@ def train_ditar(args) -> None:
             return train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options)
 
     stage.run(step, args.minutes, args.steps, evaluate=evaluate, evaluate_every=args.metrics_every)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line refusals of settings that would fail, or silently do nothing, later."""
+    if not 0.0 <= args.ema < 1.0:
+        raise SystemExit(f"error: --ema {args.ema} is not a decay in [0, 1) (0: no moving average)")
+    for name in ("wer_every", "forced_wer_every"):
+        every = getattr(args, name)
+        if every and (not args.metrics_every or every % args.metrics_every):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} {every} is not a multiple of --metrics-every {args.metrics_every}")
 
 
 def training_precision(choice: str, device: str) -> str:
@@ -446,7 +471,9 @@ def main(argv: list[str] | None = None) -> None:
                         "--metrics-every; 0: never)")
     parser.add_argument("--forced-wer-every", type=int, default=0,
                         help="teacher-forced WER on the probe every N steps (a multiple of --metrics-every; 0: never)")
-    parser.add_argument("--wer-sentences", type=int, default=6, help="held-out sentences of either WER")
+    parser.add_argument("--wer-sentences", type=int, default=6,
+                        help="sentences of either WER: held-out ones in unseen voices for the free-running WER, "
+                        "the probe's at rate 1.0 for the teacher-forced one")
     parser.add_argument("--isolated-history", choices=["on", "off"],
                         help="a new model's LocDiT history attention (default: the preset's)")
     parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
@@ -459,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, help="a checkpoint to start a stage from when it has none of its own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
