@@ -310,6 +310,28 @@ class LocDiT(nn.Module):
         y, _, _ = self.transformer(tokens, positions, mask, outputs=self.patch_size)
         return self.out_proj(y)  # (B, P, C)
 
+    def history_cache(self, history: Tensor) -> tuple[Tensor, Tensor]:
+        """With isolated history, the history tokens' keys and values at every layer,
+        (L, B, Hkv, H*P, hd) each. Those tokens attend only among themselves, so they are the
+        same at every solver step and in both guidance branches of a patch: computed once
+        per patch instead of 2 x NFE times."""
+        if not self.isolated_history:
+            raise ValueError("only a LocDiT whose history attends to itself alone can cache it")
+        positions = torch.arange(1, 1 + self.history_frames, device=history.device)
+        _, keys, values = self.transformer(self.history_proj(history), positions, outputs=1)
+        return keys, values
+
+    def forward_cached(self, x: Tensor, t: Tensor, cond: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """forward() with the history given as `history_cache` made it: the condition token
+        and the patch, at their own positions, attend to the cached history and to each other."""
+        c = self.cond_proj(cond) + self.time_embed(t)  # (B, d)
+        tokens = torch.cat([c[:, None], self.noisy_proj(x)], dim=1)  # (B, 1 + P, d)
+        first_patch = 1 + self.history_frames
+        positions = torch.cat([torch.zeros(1, dtype=torch.int64, device=x.device),
+                               torch.arange(first_patch, first_patch + self.patch_size, device=x.device)])
+        y, _, _ = self.transformer(tokens, positions, None, keys, values, outputs=self.patch_size)
+        return self.out_proj(y)  # (B, P, C)
+
 
 # --------------------------------------------------------------------------------------
 # Speech VAE: waveform <-> latent frames, one frame per hop

@@ -131,18 +131,30 @@ class LocDiTSamplerGraph(nn.Module):
         self.solver = GuidedSolverStep(sampler)
         self.grid = [float(t) for t in time_grid(sampler.nfe, sampler)]
         self.still = zero_steps(sampler.nfe, sampler)  # leading steps with zero velocity: no LocDiT call
+        # A LocDiT whose history attends to itself alone offers its history's keys and values
+        # once per patch (`history_cache`); any other runs its whole sequence every step.
+        self.caches_history = bool(getattr(locdit, "isolated_history", False))
 
     def forward(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
                 history: Tensor) -> Tensor:
         x = x_init
         cond2 = torch.stack([cond, torch.zeros_like(cond)])  # (2, D): conditional, unconditional
-        history2 = torch.stack([history, history])
+        velocity_of = self._velocity(history)
         for index, (t, s) in enumerate(zip(self.grid[:-1], self.grid[1:])):
             velocity = None
             if index >= self.still:
-                velocity = self.locdit(torch.stack([x, x]), torch.full((2,), t), cond2, history2)
+                velocity = velocity_of(torch.stack([x, x]), torch.full((2,), t), cond2)
             x = self.solver(x, velocity, cfg_scale, renoise, renoise_step == index, t, s)
         return x  # (P, C)
+
+    def _velocity(self, history: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """LocDiT on both branches at one solver step, given this patch's history."""
+        if self.caches_history:
+            keys, values = self.locdit.history_cache(history[None])  # batch 1, shared by both branches
+            keys, values = (a.expand(-1, 2, -1, -1, -1) for a in (keys, values))
+            return lambda x, t, cond: self.locdit.forward_cached(x, t, cond, keys, values)
+        history2 = torch.stack([history, history])
+        return lambda x, t, cond: self.locdit(x, t, cond, history2)
 
 
 def _locdit_sampler(model: DiTAR) -> LocDiTSamplerGraph:
