@@ -98,7 +98,7 @@ def test_head_metrics_score_a_reader_a_clock_and_a_sink():
         probs[0][0, 2, first + j, 0] = 1.0  # head 2 stares at BOS
     windows = torch.tensor([[[c, c] for c in spoken]])
     batch = SpeechBatch(*(torch.zeros(1) for _ in range(6)), char_windows=windows)
-    probe = Probe(batch, batch, rates=[1.0], text_chars=[chars])
+    probe = Probe(batch, batch, rates=[1.0], text_chars=[chars], texts=["a" * chars])
     out = _head_metrics(probs, [(0, first, n)], probe, aligned_heads=((0, 0), (0, 1)))
     assert out["best_head"] == "0:0" and out["best_head_error_r1"] == 0.0
     # the clock is off by |j - spoken[j]|, averaged over the two aligned heads
