@@ -32,7 +32,9 @@ from ditarkit.runtime.synthesizer import (
 SHORT = ["--text", "hello there.", "--max-seconds", "0.3"]
 # Long enough that a signal sent at the first progress line lands mid-stream: 40 sentences
 # of up to 1 s each take several seconds on the tiny preset.
-LONG_TEXT = " ".join(f"Sentence number {i} is here." for i in range(40))
+# Long enough that the run cannot finish between the first progress line and the signal, even
+# when the test process waits seconds for a core on a loaded machine (40 sentences once did).
+LONG_TEXT = " ".join(f"Sentence number {i} is here." for i in range(400))
 SIGNAL_WAIT_SECONDS = 120  # generous: the machine is shared with a training job
 
 
