@@ -82,8 +82,8 @@ class GraphFiles:
 def weight_bytes(graph: onnx.ModelProto) -> int:
     """Bytes of the graph's initializers, from their shapes and types (ByteSize() of the whole
     proto is what protobuf cannot serialise past 2 GiB; the weights are nearly all of it)."""
-    size = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)  # noqa: E731
-    return sum(size(t) for t in graph.graph.initializer)
+    return sum(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+               for t in graph.graph.initializer)
 
 
 def save_graph(graph: onnx.ModelProto, path: Path) -> GraphFiles:
