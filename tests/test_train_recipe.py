@@ -4,6 +4,10 @@ curve, exact resume, ship, and going on from a shipped checkpoint."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,12 +20,13 @@ from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextFrontend
 from ditarkit.training import train
 from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
-from ditarkit.training.forced import forced_audio, forced_sentences, forced_wer
+from ditarkit.training.forced import forced_audio, forced_sentences, free_audio, probe_wer
 from ditarkit.training.metrics import build_probe
 from ditarkit.training.train import CURVE_FILE, LOG_FILE, STATE_FILE, main
 
 TEXTS = ["hello there", "a quick test of the recipe", "one more line", "and the last one"]
 HEADS = "0:0,1:1"  # the tiny preset's LM has 2 layers of 4 heads
+SIGNAL_WAIT_SECONDS = 180  # a loaded CI machine starts torch and steps the tiny preset well within this
 
 
 def _row(root, folder: str, uid: str, voice: str, text: str, seconds: float, seed: int) -> str:
@@ -62,7 +67,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     corpus, run = _corpus(root / "corpus"), root / "run"
     common = ["--corpus", str(corpus), "--preset", "tiny", "--batch", "2", "--threads", "1",
-              "--max-target-seconds", "3", "--aligned-heads", HEADS, "--metrics-every", "2", "--forced-wer-every", "4"]
+              "--max-target-seconds", "3", "--aligned-heads", HEADS, "--metrics-every", "2", "--forced-wer-every", "4",
+              "--lm-input-noise", "0.5"]
     main(["vae", *common[:8], "--run", str(run), "--steps", "2"])
     return root, corpus, run, common
 
@@ -101,7 +107,8 @@ def test_ditar_logs_alignment_metrics_and_draws_the_curve(trained):
     assert {"aligned_error_r1.25", "best_head"} <= set(metrics[-1])
     forced = [r for r in metrics if "forced_wer_pct" in r]
     assert [r["step"] for r in forced] == [0, 4]  # every --forced-wer-every steps
-    assert all(r["forced_wer_pct"] == 100.0 and r["round_trip_wer_pct"] == 100.0 for r in forced)  # heard nothing
+    scores = ("forced_wer_pct", "free_probe_wer_pct", "round_trip_wer_pct")
+    assert all(r[k] == 100.0 for r in forced for k in scores)  # heard nothing
     assert (run / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,7 +125,7 @@ def test_the_checkpoint_holds_the_moving_average_and_the_log_its_gain(trained):
     assert all(r["probe_diffusion_raw"] > 0 for r in rows)
 
 
-def test_teacher_forced_audio_is_drawn_per_patch_reproducibly_and_scored(trained):
+def test_probe_audio_is_drawn_teacher_forced_and_free_running_reproducibly_and_scored(trained):
     root, corpus, _, _ = trained
     run = root / "straight"
     model = load_checkpoint(run / "ditar")
@@ -132,9 +139,19 @@ def test_teacher_forced_audio_is_drawn_per_patch_reproducibly_and_scored(trained
     assert drawn[0].shape == true[0].shape and drawn[0].shape[0] % patch_samples == 0
     assert np.array_equal(drawn[0], forced_audio(model, probe, rows)[0][0])  # fixed noise
     assert not np.allclose(drawn[0], true[0])  # drawn, not copied
-    assert forced_wer(model, probe, rows, lambda audio, rate: probe.texts[0]) == {
-        "forced_wer_pct": 0.0, "round_trip_wer_pct": 0.0}
-    assert forced_wer(model, probe, rows, lambda audio, rate: "")["forced_wer_pct"] == 100.0
+    free = free_audio(model, probe, rows)
+    assert len(free) == 1 and len(free[0]) % patch_samples == 0 and np.isfinite(free[0]).all()
+    assert np.array_equal(free[0], free_audio(model, probe, rows)[0])  # fixed noise
+    true_patches = int(probe.batch.target_patches[0])
+    assert len(free[0]) <= 2 * true_patches * patch_samples  # never past FREE_LENGTH_CAP of the true length
+    assert probe_wer(model, probe, rows, lambda audio, rate: probe.texts[0]) == {
+        "forced_wer_pct": 0.0, "free_probe_wer_pct": 0.0, "round_trip_wer_pct": 0.0}
+
+    def deaf_to_free(audio: np.ndarray, rate: int) -> str:  # free-running audio is reproducible: spot it
+        return "" if np.array_equal(audio, free[0]) else probe.texts[0]
+
+    scores = probe_wer(model, probe, rows, deaf_to_free)
+    assert scores["free_probe_wer_pct"] == 100.0 and scores["forced_wer_pct"] == 0.0
 
 
 def test_ship_then_go_on_from_the_shipped_checkpoint(trained):
@@ -156,9 +173,42 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--ema", "1.0"], "--ema 1.0 is not a decay in"),
+    (["--lm-input-noise", "1.5"], "--lm-input-noise 1.5 is not a probability in"),
     (["--metrics-every", "3", "--forced-wer-every", "4"], "--forced-wer-every 4 is not a multiple of"),
     (["--metrics-every", "0", "--wer-every", "4"], "--wer-every 4 is not a multiple of --metrics-every 0"),
 ])
 def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         main(["ditar", "--run", str(tmp_path), *flags])
+
+
+def _interruptible() -> None:
+    """The child gets SIGINT as a foreground process would: a suite run in the background
+    has it ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_training_after_its_step_with_a_checkpoint(trained, signum):
+    root, _, run, common = trained
+    target = root / f"signalled-{signum}"
+    (target / "vae").mkdir(parents=True)
+    for f in (run / "vae").iterdir():
+        (target / "vae" / f.name).write_bytes(f.read_bytes())
+    flags = [f for f in common if f not in ("--forced-wer-every", "4")]  # no Whisper in the child
+    proc = subprocess.Popen([sys.executable, "-m", "ditarkit.training.train", "ditar", *flags, "--run", str(target),
+                             "--minutes", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
+    log = target / "ditar" / LOG_FILE
+    deadline = time.monotonic() + SIGNAL_WAIT_SECONDS
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            log.is_file() and any(json.loads(line)["step"] >= 2 for line in log.read_text().splitlines())):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still training when the signal lands
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=SIGNAL_WAIT_SECONDS)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint" in stderr
+    saved = torch.load(target / "ditar" / STATE_FILE, weights_only=True)["step"]
+    assert saved >= 2 and f"saved at step {saved}" in stderr
+    assert load_checkpoint(target / "ditar").config.name == "tiny"

@@ -148,3 +148,34 @@ def test_history_noise_is_drawn_at_its_rate_and_mixes_variance_preservingly():
     assert abs(noisy - 0.3) < 0.03 and abs(1 - float(noise.keep_cond.mean()) - 0.1) < 0.02
     clean = DiffusionNoise.draw(x0, history, 0.0, 0.0, generator=torch.Generator().manual_seed(0))
     assert float(clean.history_mix.abs().max()) == 0.0 and float(clean.keep_cond.min()) == 1.0
+
+
+def test_lm_input_noise_reaches_only_the_target_patches_the_lm_reads():
+    from ditarkit.reference.losses import noisy_lm_inputs, teacher_force
+
+    torch.manual_seed(0)
+    model = DiTAR(preset("tiny")).eval()
+    batch = _batch(model.config)
+    with torch.no_grad():
+        clean = teacher_force(model, batch)
+        assert torch.equal(teacher_force(model, batch, lm_input_noise=0.0).cond, clean.cond)
+        noisy = teacher_force(model, batch, lm_input_noise=1.0, generator=torch.Generator().manual_seed(0))
+    # LocDiT's targets and history stay the true patches; the LM read something else
+    assert torch.equal(noisy.x0, clean.x0) and torch.equal(noisy.history, clean.history)
+    starts = torch.tensor([sum(n for _, _, n in clean.rows[:b]) for b in range(len(clean.rows))])
+    # the speech-start positions have read only text and the (clean) reference: the same
+    assert torch.allclose(noisy.cond[starts], clean.cond[starts], atol=1e-6)
+    assert not torch.allclose(noisy.cond, clean.cond, atol=1e-3)
+    # the rate is per utterance
+    ones = torch.ones(50, 4, 8)
+    picks = [bool((noisy_lm_inputs(ones, 0.5, torch.Generator().manual_seed(s)) != 1.0).any()) for s in range(400)]
+    assert abs(sum(picks) / len(picks) - 0.5) < 0.08
+    # the level is uniform per patch (noise alone: a patch's spread is its level, 0.5 on average)
+    levels = noisy_lm_inputs(torch.zeros(2000, 4, 8), 1.0, torch.Generator().manual_seed(1)).std(dim=(1, 2))
+    assert abs(float(levels.mean()) - 0.5) < 0.03 and float(levels.max()) < 1.3
+    # and the mix preserves variance: unit-variance patches stay unit variance
+    mixed = noisy_lm_inputs(torch.randn(2000, 4, 8, generator=torch.Generator().manual_seed(2)), 1.0,
+                            torch.Generator().manual_seed(3))
+    assert abs(float(mixed.var()) - 1.0) < 0.03
+    with pytest.raises(ValueError, match="invalid loss options"):
+        LossOptions(lm_input_noise=1.5)

@@ -54,11 +54,18 @@ class LossOptions:
     # this probability a patch's history is mixed with noise at a uniform random level, so
     # the condition carries the content.
     history_noise: float = 0.0
+    # The LM's exposure bias: in generation it reads its own patches, which differ from the
+    # true ones by a large fraction of their size, where teacher forcing shows it only true
+    # ones. With this probability an utterance's target patches are mixed with noise, at a
+    # uniform random level per patch, where the LM reads them (LocDiT's targets and history
+    # stay clean), so it learns to take the content from the text.
+    lm_input_noise: float = 0.0
     advance_weight: float = 0.5  # the text cursor's advance head (models with a cursor only)
 
     def __post_init__(self) -> None:
         weights = (self.alignment_weight, self.advance_weight)
-        if min(weights) < 0 or not 0 <= self.history_noise <= 1 or self.diffusion_samples < 1:
+        rates = (self.history_noise, self.lm_input_noise)
+        if min(weights) < 0 or not all(0 <= r <= 1 for r in rates) or self.diffusion_samples < 1:
             raise ValueError(f"invalid loss options {self}")
 
 
@@ -112,10 +119,29 @@ def cursor_path(windows: Tensor, chars: int, max_advance: int) -> tuple[Tensor, 
     return cursor, (cursor[1:] - cursor[:-1]).clamp(0, max_advance)
 
 
-def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = frozenset()) -> TeacherForced:
+def mix_noise(x: Tensor, level: Tensor, eps: Tensor) -> Tensor:
+    """Variance-preserving mix: level 0 = x, 1 = pure noise."""
+    return torch.sqrt(1 - level**2) * x + level * eps
+
+
+def noisy_lm_inputs(targets: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """(Nt, P, C) target patches as the LM reads them: with probability `rate` mixed with
+    noise at a uniform random level per patch (LossOptions.lm_input_noise)."""
+    if rate <= 0:
+        return targets
+    device = targets.device
+    chosen = torch.rand((), generator=generator, device=device) < rate
+    level = torch.rand(targets.shape[0], 1, 1, generator=generator, device=device) * chosen
+    eps = torch.randn(targets.shape, generator=generator, device=device)
+    return mix_noise(targets, level.to(targets.dtype), eps.to(targets.dtype))
+
+
+def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = frozenset(),
+                  lm_input_noise: float = 0.0, generator: torch.Generator | None = None) -> TeacherForced:
     """The LM over [BOS text EOS, prompt patches, SPEECH_START, target patches] of every
     utterance; attention maps of `record_layers` kept. With a text cursor, each speech
-    position's input also gets the cursor vector of the character its patch starts on."""
+    position's input also gets the cursor vector of the character its patch starts on.
+    `lm_input_noise` > 0 noises the target patches the LM reads (training only)."""
     cfg = model.config
     p, h = cfg.patch_size, cfg.history_patches
     if model.text_cursor is not None and batch.char_windows is None:
@@ -127,7 +153,8 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
             batch.prompt[b, : n_prompt * p].reshape(n_prompt, p, -1),
             batch.target[b, : n_target * p].reshape(n_target, p, -1),
         ])  # (Np + Nt, P, C)
-        vectors = model.aggregator(patches)  # (Np + Nt, D)
+        read = torch.cat([patches[:n_prompt], noisy_lm_inputs(patches[n_prompt:], lm_input_noise, generator)])
+        vectors = model.aggregator(read)  # (Np + Nt, D); the reference is read clean, as in generation
         ids = batch.text_ids[b, : int(batch.text_lengths[b])]
         text = model.text_embedding(ids)
         start = model.text_embedding.weight[cfg.text.SPEECH_START][None]
@@ -177,8 +204,7 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
 def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise: DiffusionNoise) -> Tensor:
     """v-prediction (or flow) MSE of LocDiT on the target patches under the given noise."""
     schedule = Schedule(model.config.diffusion.schedule)
-    mix = noise.history_mix
-    history = torch.sqrt(1 - mix**2) * history + mix * noise.history_eps  # variance-preserving mix
+    history = mix_noise(history, noise.history_mix, noise.history_eps)
     tb = noise.t[:, None, None]
     x_t = schedule.noisy(x0, noise.eps, tb)
     target = schedule.velocity_target(x0, noise.eps, tb)
@@ -212,7 +238,8 @@ def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOpti
                generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Velocity MSE + stop BCE, + the attention alignment loss where the batch is aligned."""
     supervise = options.alignment_weight > 0 and bool(options.aligned_heads) and batch.char_windows is not None
-    forced = teacher_force(model, batch, {layer for layer, _ in options.aligned_heads} if supervise else set())
+    forced = teacher_force(model, batch, {layer for layer, _ in options.aligned_heads} if supervise else set(),
+                           options.lm_input_noise, generator)
     n = options.diffusion_samples
     x0, cond, history = (a.repeat_interleave(n, dim=0) for a in (forced.x0, forced.cond, forced.history))
     noise = DiffusionNoise.draw(x0, history, model.config.diffusion.cond_dropout, options.history_noise, generator)

@@ -1,8 +1,10 @@
-"""Teacher-forced WER: can LocDiT render what the LM gives it? Every patch of a few probe
-sentences is drawn by the model's own sampler from the true previous patches and the LM's
-teacher-forced condition (true history, true text cursor), the patches are decoded and
-Whisper transcribes them. No error can compound, so this moves long before a free-running
-WER does, and the VAE round trip of the same sentences is its floor."""
+"""WER on a few probe sentences in their own (training) voices, three ways. Teacher-forced:
+can LocDiT render what the LM gives it? Every patch is drawn by the model's own sampler from
+the true previous patches and the LM's teacher-forced condition (true history, true text
+cursor); no error can compound, so this moves long before a free-running WER does.
+Free-running: the same sentences and prompts, every patch from the model's own; its gap to
+the teacher-forced figure is what compounding costs, apart from following an unseen voice.
+The VAE round trip of the same sentences is the floor of both."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import numpy as np
 from ditarkit.reference.losses import teacher_force
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import TorchRunner
-from ditarkit.runtime.sampler import seeded_noise
+from ditarkit.runtime.sampler import GenerationOptions, generate_latents, seeded_noise
 from ditarkit.training.evaluate import word_error_rate
 from ditarkit.training.metrics import Probe, evaluating
 
 FORCED_RATE = 1.0  # the probe's speaking rate scored: the model's normal pace
 FORCED_SEED = 4321  # the sampler's noise, fixed for the whole run so steps compare
+FREE_LENGTH_CAP = 2.0  # free-running stops at this many times the true length: a model that never stops still ends
 
 
 def forced_sentences(probe: Probe, sentences: int) -> list[int]:
@@ -55,11 +58,35 @@ def forced_audio(model: DiTAR, probe: Probe, rows: list[int]) -> tuple[list[np.n
     return drawn, true
 
 
-def forced_wer(model: DiTAR, probe: Probe, rows: list[int],
-               transcribe: Callable[[np.ndarray, int], str]) -> dict[str, float]:
-    """Teacher-forced WER and its floor, the VAE round trip, in percent."""
+def free_audio(model: DiTAR, probe: Probe, rows: list[int]) -> list[np.ndarray]:
+    """Waveforms of the given probe rows generated free-running, as the runtime generates:
+    from the row's text and its prompt (a clip of its voice), the sampler's defaults and
+    fixed noise."""
+    cfg = model.config
+    batch, p = probe.batch, cfg.patch_size
+    audio = []
+    with evaluating(model):
+        runner = TorchRunner(model)
+        for row in rows:
+            ids = batch.text_ids[row, : int(batch.text_lengths[row])].tolist()
+            prompt = batch.prompt[row, : int(batch.prompt_patches[row]) * p].float().cpu().numpy()
+            seconds = FREE_LENGTH_CAP * int(batch.target_patches[row]) * cfg.patch_seconds
+            options = GenerationOptions.from_config(runner.config, max_seconds=seconds)
+            noise = seeded_noise(FORCED_SEED + row, p, cfg.audio.latent_dim)
+            audio.append(runner.decode_latents(generate_latents(runner, ids, prompt, options, noise)))
+    return audio
+
+
+def probe_wer(model: DiTAR, probe: Probe, rows: list[int],
+              transcribe: Callable[[np.ndarray, int], str]) -> dict[str, float]:
+    """Teacher-forced and free-running WER of the rows, and their floor, the VAE round trip,
+    in percent."""
     drawn, true = forced_audio(model, probe, rows)
+    free = free_audio(model, probe, rows)
     rate = model.config.audio.sample_rate
     texts = [probe.texts[r] for r in rows]
-    return {"forced_wer_pct": 100 * word_error_rate(texts, [transcribe(a, rate) for a in drawn]),
-            "round_trip_wer_pct": 100 * word_error_rate(texts, [transcribe(a, rate) for a in true])}
+
+    def wer(audio: list[np.ndarray]) -> float:
+        return 100 * word_error_rate(texts, [transcribe(a, rate) for a in audio])
+
+    return {"forced_wer_pct": wer(drawn), "free_probe_wer_pct": wer(free), "round_trip_wer_pct": wer(true)}

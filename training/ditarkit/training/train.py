@@ -12,9 +12,11 @@ batches and noise it would have drawn. Works on CPU or a GPU.
 The DiTAR stage makes the text carry the loss (the reasons are measured in FIELD-NOTES):
 a few LM heads are supervised toward the characters each patch speaks (`--aligned-heads`),
 LocDiT's history is mixed with noise now and then (`--history-noise`) so it must listen to
-the LM, and a new model starts with text embeddings at the patch vectors' scale and the LM's
-share of LocDiT's condition at the time embedding's. Every `--metrics-every` steps the
-alignment metrics (`metrics.py`) go into the log, and the curve (PNG) is redrawn.
+the LM, the patches the LM reads can be too (`--lm-input-noise`) so that reading its own
+patches in generation does not throw it off the text, and a new model starts with text
+embeddings at the patch vectors' scale and the LM's share of LocDiT's condition at the time
+embedding's. Every `--metrics-every` steps the alignment metrics (`metrics.py`) go into the
+log, and the curve (PNG) is redrawn.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ from ditarkit.training.curve import plot_curve
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
 from ditarkit.training.ema import averaged
 from ditarkit.training.evaluate import Transcriber
-from ditarkit.training.forced import forced_sentences, forced_wer
+from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
 
 STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "curve.png"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # end a run after its step, with a checkpoint
 
 
 # --------------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ class Stage:
             self._restore(torch.load(state, map_location="cpu", weights_only=True))
             log(f"{name}: resumed at step {self.step}")
         self.stop_requested = False
-        signal.signal(signal.SIGTERM, self._request_stop)
+        self._handlers: dict[int, object] = {}  # signal -> the handler it had before the run
 
     def _restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -95,8 +98,25 @@ class Stage:
         if self.sampler is not None and saved.get("sampler_rng") is not None:
             self.sampler.restore(_tuples(saved["sampler_rng"]))
 
-    def _request_stop(self, *_args) -> None:
+    def _request_stop(self, signum: int, _frame) -> None:
+        """The first Ctrl-C or SIGTERM ends the run after this step, with a checkpoint; the
+        handlers are given back at once, so a second one stops it at once."""
         self.stop_requested = True
+        log(f"{self.name}: {signal.Signals(signum).name}: stopping after this step, with a checkpoint")
+        self._release_signals()
+
+    def _catch_signals(self) -> None:
+        """Handle SIGINT and SIGTERM while the run lasts; one ignored (a job started with
+        nohup or `&`) stays ignored."""
+        self._handlers = {}
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _release_signals(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def set_lr(self) -> None:
         scale = min(1.0, (self.step + 1) / self.warmup)
@@ -131,12 +151,22 @@ class Stage:
     def run(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
             every: float = 300.0, log_every: int = 50, evaluate: Callable[[], dict] | None = None,
             evaluate_every: int = 0) -> None:
+        if evaluate and evaluate_every and not self.resumed:
+            self._evaluate(evaluate)  # the starting point of the curve
+        self._catch_signals()
+        try:
+            self._loop(step_fn, minutes, max_steps, every, log_every, evaluate, evaluate_every)
+        finally:
+            self._release_signals()
+        self.save()
+        log(f"{self.name}: saved at step {self.step} in {self.dir}")
+
+    def _loop(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
+              every: float, log_every: int, evaluate: Callable[[], dict] | None, evaluate_every: int) -> None:
         start = last_save = time.time()
         first_step = self.step
         totals: dict[str, float] = defaultdict(float)
         summed = 0
-        if evaluate and evaluate_every and not self.resumed:
-            self._evaluate(evaluate)  # the starting point of the curve
         while not self.stop_requested:
             if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
                 break
@@ -160,8 +190,6 @@ class Stage:
             if time.time() - last_save > every:
                 self.save()
                 last_save = time.time()
-        self.save()
-        log(f"{self.name}: saved at step {self.step} in {self.dir}")
 
     def _evaluate(self, evaluate: Callable[[], dict]) -> None:
         row = evaluate()
@@ -363,7 +391,7 @@ def train_ditar(args) -> None:
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
                           alignment_weight=args.alignment_weight, history_noise=args.history_noise,
-                          advance_weight=args.advance_weight)
+                          lm_input_noise=args.lm_input_noise, advance_weight=args.advance_weight)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
     stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema)
@@ -387,7 +415,7 @@ def train_ditar(args) -> None:
                 row["probe_diffusion_raw"] = probe_loss(model, probe_batch)
             if args.forced_wer_every and stage.step % args.forced_wer_every == 0 and forced_rows:
                 transcriber = transcriber or Transcriber()
-                row.update(forced_wer(stage.sampling_model, probe_batch, forced_rows, transcriber))
+                row.update(probe_wer(stage.sampling_model, probe_batch, forced_rows, transcriber))
             if args.wer_every and stage.step % args.wer_every == 0 and stage.step:
                 stage.save()
                 row.update(free_running_wer(stage.dir, args.corpus, args.wer_sentences))
@@ -410,6 +438,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     """One-line refusals of settings that would fail, or silently do nothing, later."""
     if not 0.0 <= args.ema < 1.0:
         raise SystemExit(f"error: --ema {args.ema} is not a decay in [0, 1) (0: no moving average)")
+    for name in ("history_noise", "lm_input_noise"):
+        rate = getattr(args, name)
+        if not 0.0 <= rate <= 1.0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {rate} is not a probability in [0, 1]")
     for name in ("wer_every", "forced_wer_every"):
         every = getattr(args, name)
         if every and (not args.metrics_every or every % args.metrics_every):
@@ -462,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="text cursor's advance-head loss weight (presets with a cursor)")
     parser.add_argument("--history-noise", type=float, default=0.3,
                         help="probability that a patch's LocDiT history is mixed with noise in training")
+    parser.add_argument("--lm-input-noise", type=float, default=0.0,
+                        help="probability that an utterance's patches are mixed with noise where the LM reads "
+                        "them in training (against exposure bias)")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="DiTAR stage: decay of the weights' moving average that is checkpointed (0: none)")
@@ -470,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="free-running WER through an exported bundle every N steps (a multiple of "
                         "--metrics-every; 0: never)")
     parser.add_argument("--forced-wer-every", type=int, default=0,
-                        help="teacher-forced WER on the probe every N steps (a multiple of --metrics-every; 0: never)")
+                        help="teacher-forced and free-running WER on the probe's sentences in their own voices "
+                        "every N steps (a multiple of --metrics-every; 0: never)")
     parser.add_argument("--wer-sentences", type=int, default=6,
                         help="sentences of either WER: held-out ones in unseen voices for the free-running WER, "
                         "the probe's at rate 1.0 for the teacher-forced one")
