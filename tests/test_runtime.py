@@ -80,13 +80,27 @@ def test_a_model_without_a_text_cursor_runs_the_same_way(plain_model_and_bundle)
     _check_runtime_reproduces_the_reference(model, bundle)
 
 
-def _check_runtime_reproduces_the_reference(tiny_model, bundle):
+def test_a_model_that_reads_phonemes_runs_the_same_way(tmp_path):
+    import torch
+
+    from ditarkit.runtime.config import lexicon_text
+    from ditarkit.runtime.text import model_frontend
+
+    torch.manual_seed(SEED)
+    model = perturb_weights(DiTAR(dataclasses.replace(preset("tiny"), text=lexicon_text())), seed=SEED).eval()
+    export_bundle(model, tmp_path / "lexicon")
+    ids = model_frontend(model.config.text).encode("thought")  # TH AO1 T: ids past the characters'
+    assert min(ids[1:-1]) >= model.config.text.NUM_SPECIAL + len(model.config.text.symbols)
+    _check_runtime_reproduces_the_reference(model, tmp_path / "lexicon", ids)
+
+
+def _check_runtime_reproduces_the_reference(tiny_model, bundle, ids=(1, 20, 21, 22, 2)):
     torch_runner, ort_runner = TorchRunner(tiny_model), OrtRunner(bundle)
     prompt_audio = speech_like(2.0)
     prompts = [r.encode_audio(prompt_audio) for r in (torch_runner, ort_runner)]
     assert np.abs(prompts[0] - prompts[1]).max() <= END_TO_END_TOLERANCE
     noise, options = _fixed_run(tiny_model.config)
-    ids = [1, 20, 21, 22, 2]
+    ids = list(ids)
     want = generate_latents(torch_runner, ids, prompts[0], options, noise)
     got = generate_latents(ort_runner, ids, prompts[1], options, noise)
     assert want.shape == got.shape == (40, 64)

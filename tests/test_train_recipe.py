@@ -3,6 +3,7 @@ curve, exact resume, ship, and going on from a shipped checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from ditarkit.training import train
 from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
 from ditarkit.training.forced import forced_audio, forced_sentences, free_audio, probe_wer
 from ditarkit.training.metrics import build_probe
-from ditarkit.training.train import CURVE_FILE, LOG_FILE, STATE_FILE, main
+from ditarkit.training.stage import CURVE_FILE, LOG_FILE, STATE_FILE
+from ditarkit.training.train import main
 
 TEXTS = ["hello there", "a quick test of the recipe", "one more line", "and the last one"]
 HEADS = "0:0,1:1"  # the tiny preset's LM has 2 layers of 4 heads
@@ -212,3 +214,60 @@ def test_a_stop_signal_ends_training_after_its_step_with_a_checkpoint(trained, s
     saved = torch.load(target / "ditar" / STATE_FILE, weights_only=True)["step"]
     assert saved >= 2 and f"saved at step {saved}" in stderr
     assert load_checkpoint(target / "ditar").config.name == "tiny"
+
+
+
+def test_a_lexicon_model_starts_from_a_character_one_with_the_shared_rows_carried(trained, capsys):
+    root, _, vae_run, common = trained
+    main(["ditar", *common, "--run", str(root / "chars"), "--steps", "1", "--vae-from", str(vae_run / "vae")])
+    source = load_checkpoint(root / "chars" / "ditar")
+    run = root / "lexicon"
+    capsys.readouterr()
+    main(["ditar", *common, "--run", str(run), "--steps", "2", "--frontend", "lexicon",
+          "--init-from", str(root / "chars" / "ditar")])
+    assert "text tables carried over" in capsys.readouterr().err
+    model = load_checkpoint(run / "ditar")
+    assert model.config.text.frontend == "lexicon" and source.config.text.frontend == "chars"
+    assert model.config.text.vocab_size > source.config.text.vocab_size
+    rows = [json.loads(line) for line in (run / "ditar" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows if "gap_swapped_text_pct" in r] == [0, 2]  # the probe reads units too
+
+
+def test_text_tables_are_carried_by_what_each_id_means():
+    from ditarkit.reference.model import DiTAR
+    from ditarkit.runtime.config import lexicon_text, preset
+    from ditarkit.training.text_tables import carry_text_tables, unit_ids
+
+    torch.manual_seed(0)
+    chars = DiTAR(preset("tiny"))
+    lexicon = DiTAR(dataclasses.replace(preset("tiny"), text=lexicon_text()))
+    tables = carry_text_tables(lexicon, chars)
+    old, new = unit_ids(chars.config.text), unit_ids(lexicon.config.text)
+    embedding = tables["text_embedding.weight"]
+    for unit in ("<special 1>", "a", " ", "?"):
+        assert torch.equal(embedding[new[unit]], chars.text_embedding.weight[old[unit]])
+    cursor, window = tables["text_cursor.embedding.weight"], chars.config.cursor.window
+    v_old, v_new = chars.config.text.vocab_size, lexicon.config.text.vocab_size
+    assert cursor.shape[0] == window * v_new
+    for offset in range(window):  # each window offset has its own block of rows
+        carried = chars.text_cursor.embedding.weight[offset * v_old + old["q"]]
+        assert torch.equal(cursor[offset * v_new + new["q"]], carried)
+    # the phonemes start at the carried rows' mean norm, not at the init's much smaller one
+    carried_norm = chars.text_embedding.weight.norm(dim=-1).mean()
+    assert torch.allclose(embedding[new["AA1"]].norm(), carried_norm, rtol=1e-5)
+    alien = DiTAR(dataclasses.replace(preset("tiny"), text=lexicon_text(TextConfig(symbols="#"))))
+    with pytest.raises(SystemExit, match="share no symbol"):
+        carry_text_tables(alien, DiTAR(dataclasses.replace(preset("tiny"), text=TextConfig(symbols="ab"))))
+
+
+def test_a_lexicon_alignment_gives_a_word_s_phonemes_the_word_s_span():
+    from ditarkit.runtime.config import lexicon_text
+    from ditarkit.runtime.text import model_frontend
+    from ditarkit.training.data import Utterance
+
+    text = "hello qx"
+    chars = np.array([[10 * i, 10 * i + 10] for i in range(len(text))])  # character i spans [10 i, 10 i + 10)
+    item = Utterance("u", "v", text, None, chars)
+    assert np.array_equal(item.in_units(TextFrontend(TextConfig())).chars, chars)  # characters: as they are
+    units = item.in_units(model_frontend(lexicon_text())).chars
+    assert units.tolist() == [[0, 50]] * 4 + [[50, 60], [60, 70], [70, 80]]  # HH AH0 L OW1, " ", q, x

@@ -18,6 +18,7 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import GRAPH_MODULES
 from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_dir
+from ditarkit.runtime.lexicon import PACKAGED_LEXICON_DIR
 from ditarkit.runtime.manifest import Manifest, graph_signatures, signature_digest, with_files
 
 Log = Callable[[str], None]
@@ -31,11 +32,13 @@ def export_bundle(
     source: dict[str, Any] | None = None,
     log: Log = lambda _msg: None,
 ) -> Manifest:
-    """A kit model's bundle; the reference model's own config is kept in the manifest's source."""
+    """A kit model's bundle, with the packaged lexicon where the model reads with one; the
+    reference model's own config is kept in the manifest's source."""
     contract = model.config.contract()
     graphs = {name: GRAPH_MODULES[name](model) for name in graph_signatures(contract)}
     source = {**(source or {}), "config": model.config.to_dict()}
-    return write_bundle(graphs, contract, out, fp16, opset, source, log)
+    files = {name: PACKAGED_LEXICON_DIR / name for name in contract.text.files}  # a lexicon it reads with
+    return write_bundle(graphs, contract, out, fp16, opset, source, log, files)
 
 
 def write_bundle(

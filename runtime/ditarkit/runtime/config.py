@@ -28,7 +28,7 @@ from ditarkit.runtime.contract import (
 
 __all__ = ["ConfigError", "CursorConfig", "DiTARConfig", "patches_in", "preset"]
 
-TEXT_FRONTENDS = ("chars",)  # the kit's models read characters
+TEXT_FRONTENDS = ("chars", "lexicon")  # the kit's models read characters, or words as phonemes
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,14 @@ class TransformerConfig:
 class TextConfig:
     """Text frontend: which symbol set, and the special token ids that precede it."""
 
-    frontend: str = "chars"
+    frontend: str = "chars"  # "chars"; or "lexicon": words the lexicon lists as its phonemes
     # Lower-case letters, digits, space and the punctuation that changes prosody.
     symbols: str = " abcdefghijklmnopqrstuvwxyz0123456789'.,?!-:;"
     max_tokens: int = 400
+    # lexicon: the phoneme set (ids after the symbols, which still spell the words it lacks) and
+    # the checksum of the kit's packaged lexicon the model was trained with
+    phonemes: tuple[str, ...] = ()
+    lexicon_sha256: str = ""
 
     # Special tokens live in the same embedding table, before the symbols.
     PAD = 0
@@ -108,13 +112,39 @@ class TextConfig:
     SPEECH_START = 3  # follows the prompt's patches; its LM output predicts the first patch
     NUM_SPECIAL = 4
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phonemes", tuple(self.phonemes))  # a list, read from JSON
+
     @property
     def vocab_size(self) -> int:
-        return self.NUM_SPECIAL + len(self.symbols)
+        return self.NUM_SPECIAL + len(self.symbols) + len(self.phonemes)
 
     def spec(self) -> TextSpec:
         """The runtime's view: which ids the symbols and the text's ends take."""
-        return TextSpec("chars", self.max_tokens, self.vocab_size, self.symbols, self.NUM_SPECIAL, self.BOS, self.EOS)
+        lexicon = {}
+        if self.frontend == "lexicon":
+            from ditarkit.runtime.lexicon import LEXICON_FILE
+
+            lexicon = {"phonemes": self.phonemes, "lexicon_file": LEXICON_FILE, "lexicon_sha256": self.lexicon_sha256}
+        return TextSpec(self.frontend, self.max_tokens, self.vocab_size, self.symbols, self.NUM_SPECIAL, self.BOS,
+                        self.EOS, **lexicon)
+
+    def validate(self) -> None:
+        if self.frontend not in TEXT_FRONTENDS:
+            raise ConfigError(f"text.frontend must be one of {TEXT_FRONTENDS}")
+        if (self.frontend == "lexicon") != bool(self.phonemes and self.lexicon_sha256):
+            raise ConfigError("text: a lexicon frontend, and only one, has phonemes and a lexicon checksum")
+
+
+def lexicon_text(base: TextConfig | None = None) -> TextConfig:
+    """`base` (default: the kit's characters) reading words as phonemes from the kit's packaged
+    lexicon: the symbols keep their ids, the phonemes come after them."""
+    from ditarkit.runtime.lexicon import LEXICON_FILE, PACKAGED_LEXICON_DIR, PHONEMES
+    from ditarkit.runtime.manifest import file_sha256
+
+    base = base or TextConfig()
+    return dataclasses.replace(base, frontend="lexicon", phonemes=PHONEMES,
+                               lexicon_sha256=file_sha256(PACKAGED_LEXICON_DIR / LEXICON_FILE))
 
 
 @dataclass(frozen=True)
@@ -174,8 +204,7 @@ class DiTARConfig(PatchTiming):
             raise ConfigError("vae.n_fft must be exactly 2 x hop_length (50% overlap-add)")
         if self.diffusion.schedule not in SCHEDULES:
             raise ConfigError(f"diffusion.schedule must be one of {SCHEDULES}")
-        if self.text.frontend not in TEXT_FRONTENDS:
-            raise ConfigError(f"text.frontend must be one of {TEXT_FRONTENDS}")
+        self.text.validate()
         if self.patch_size < 1 or self.history_patches < 1:
             raise ConfigError("patch_size and history_patches must be at least 1")
         if not 0.0 <= self.diffusion.temperature <= 1.0:

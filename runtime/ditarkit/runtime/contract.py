@@ -19,7 +19,7 @@ FAMILIES = ("ditar", "voxcpm", "voxcpm2")
 SCHEDULES = ("cosine_vp", "rectified_flow")
 TIME_GRIDS = ("uniform", "sway")
 GUIDANCE = ("cfg", "cfg_zero_star")
-TEXT_FRONTENDS = ("chars", "tokenizer")
+TEXT_FRONTENDS = ("chars", "lexicon", "tokenizer")
 # Named segments of a prompt layout; an int in a layout is a token id placed there.
 SEGMENTS = ("text", "reference", "reference_text")
 
@@ -143,15 +143,27 @@ class PromptLayout:
 
 @dataclass(frozen=True)
 class TextSpec:
-    frontend: str  # "chars" (the kit's symbol set) or "tokenizer" (a tokenizer.json in the bundle)
+    frontend: str  # "chars" (the kit's symbol set), "lexicon" (+ phonemes from a lexicon file in the
+    # bundle) or "tokenizer" (a tokenizer.json in the bundle)
     max_tokens: int  # longest id sequence one sentence may become
     vocab_size: int
-    symbols: str = ""  # chars: the symbol set, ids from `first_symbol_id` on
+    symbols: str = ""  # chars, lexicon: the symbol set, ids from `first_symbol_id` on
     first_symbol_id: int = 0
-    bos: int | None = None  # chars: ids around the text
+    bos: int | None = None  # chars, lexicon: ids around the text
     eos: int | None = None
     tokenizer_file: str = ""  # tokenizer: its file in the bundle and checksum
     tokenizer_sha256: str = ""
+    phonemes: tuple[str, ...] = ()  # lexicon: its phoneme set, ids right after the symbols
+    lexicon_file: str = ""  # lexicon: its file in the bundle and checksum
+    lexicon_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phonemes", tuple(self.phonemes))  # a list, read from JSON
+
+    @property
+    def files(self) -> list[str]:
+        """The files beside the graphs this text spec names: a bundle carries them."""
+        return [f for f in (self.tokenizer_file, self.lexicon_file) if f]
 
 
 class PatchTiming:
@@ -212,6 +224,8 @@ class ModelContract(PatchTiming):
             (self.sampler.nfe >= 1, "sampler.nfe must be at least 1"),
             (0.0 <= self.sampler.temperature <= 1.0, "sampler.temperature must lie in [0, 1]"),
             (self.text.frontend in TEXT_FRONTENDS, f"text.frontend must be one of {TEXT_FRONTENDS}"),
+            (self.text.frontend != "lexicon" or bool(self.text.phonemes and self.text.lexicon_file),
+             "a lexicon text frontend names its phonemes and its lexicon file"),
             (self.audio.reference_fit in ("trim", "pad_start", "pad_end"),
              "audio.reference_fit must be trim, pad_start or pad_end"),
             (self.prompt.history in ("reference", "prefix_end"), "prompt.history must be reference or prefix_end"),

@@ -1,9 +1,9 @@
 """Text frontend: text -> token ids, with no dependency beyond the standard library.
 
-Characters, not phonemes: the frontend must run on a robot with nothing but this package
-installed (no espeak-ng system library), and character models need no lexicon to drift
-out of sync with the checkpoint. The cost, a model that must learn English spelling, is
-paid once at training time.
+Characters here; words as phonemes from a pronouncing lexicon in `lexicon.py`. Neither needs
+more than this package on a robot (no espeak-ng system library). A character model must learn
+English spelling from its corpus; a lexicon model reads how the words it lists sound, and
+spells only the rest.
 
 `normalize` is the one normaliser of the kit: the training corpus speaks and aligns exactly
 the text it returns, so what a model reads at run time is what it read in training.
@@ -151,18 +151,27 @@ class TextFrontend:
         """The pieces one generation each speaks (normalised, split at sentence ends)."""
         return split_sentences(text)
 
+    def sources(self, text: str) -> list[tuple[int, int]]:
+        """For each unit `encode` makes of the text (BOS and EOS aside), the first and last
+        character of `readable(text)` it reads: here each character is its own unit."""
+        return [(i, i) for i in range(len(self.readable(text)))]
+
     def encode(self, text: str, *, prompt_text: str = "") -> list[int]:
-        """`[BOS] symbols [EOS]` of the text, preceded by `prompt_text`'s symbols where given
+        """`[BOS] units [EOS]` of the text, preceded by `prompt_text`'s units where given
         (a reference's transcript, read as the start of the same text)."""
         clean = self.readable(prompt_text + " " + text) if prompt_text else self.readable(text)
         if not any(c.isalnum() for c in clean):
             raise TextError(f"no speakable characters in text {text[:40]!r}")
-        if len(clean) + 2 > self.config.max_tokens:
+        ids = self._unit_ids(clean)
+        if len(ids) + 2 > self.config.max_tokens:
             raise TextError(
-                f"text is {len(clean)} symbols, over the model's {self.config.max_tokens - 2}; "
+                f"text is {len(ids)} symbols, over the model's {self.config.max_tokens - 2}; "
                 "split it into sentences"
             )
-        return [self.config.bos, *(self._ids[c] for c in clean), self.config.eos]
+        return [self.config.bos, *ids, self.config.eos]
+
+    def _unit_ids(self, clean: str) -> list[int]:
+        return [self._ids[c] for c in clean]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
@@ -186,12 +195,24 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
 
 
 def text_frontend(spec: TextSpec, bundle: Path | None) -> TextFrontend | TokenizerFrontend:
-    """The frontend a bundle's model reads with: characters, or the tokenizer file the bundle
-    carries (checked against its checksum in the manifest)."""
+    """The frontend a bundle's model reads with: characters, or the lexicon or tokenizer file
+    the bundle carries (checked against its checksum in the manifest)."""
     if spec.frontend == "chars":
         return TextFrontend(spec)
     if bundle is None:
-        raise TextError("this model reads with a tokenizer file, and no bundle folder holds one")
+        raise TextError(f"this model reads with a {spec.frontend} file, and no bundle folder holds one")
+    if spec.frontend == "lexicon":
+        from ditarkit.runtime.lexicon import LexiconFrontend
+
+        return LexiconFrontend.from_spec(spec, bundle)
     from ditarkit.runtime.tokenizer import TokenizerFrontend
 
     return TokenizerFrontend.from_spec(spec, bundle)
+
+
+def model_frontend(config: TextConfig) -> TextFrontend:
+    """The frontend a kit model reads with, from its config (training, the reference): a
+    lexicon it names is the kit's packaged copy, checked against the config's checksum."""
+    from ditarkit.runtime.lexicon import PACKAGED_LEXICON_DIR
+
+    return text_frontend(config.spec(), PACKAGED_LEXICON_DIR if config.frontend == "lexicon" else None)

@@ -1,5 +1,5 @@
 """The corpus as training batches: utterances, their latents (cached), prompts and the
-characters each patch speaks."""
+text units (characters, or a lexicon's phonemes) each patch speaks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import random
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.audio import normalize_loudness
 from ditarkit.runtime.config import DiTARConfig, patches_in
 from ditarkit.runtime.fileio import atomic_write
-from ditarkit.runtime.text import TextFrontend
+from ditarkit.runtime.text import TextFrontend, model_frontend
 from ditarkit.training.alignment import patch_character_windows
 
 
@@ -34,11 +34,20 @@ class Utterance:
     voice: str
     text: str
     path: Path
-    chars: np.ndarray | None = None  # (len(readable text), 2) [start, end) samples, or None
+    chars: np.ndarray | None = None  # (characters or units, 2) [start, end) samples, or None
     rate: float = 1.0
 
     def char_windows(self, patches: int, patch_samples: int) -> np.ndarray | None:
         return None if self.chars is None else patch_character_windows(self.chars, patches, patch_samples)
+
+    def in_units(self, frontend: TextFrontend) -> Utterance:
+        """The utterance with its alignment per unit the frontend reads, not per character
+        (the corpus aligns characters): a unit read from characters i..j spans from i's start
+        to j's end, so a word's phonemes share the word's span."""
+        if self.chars is None:
+            return self
+        sources = np.asarray(frontend.sources(self.text), np.int64).reshape(-1, 2)
+        return replace(self, chars=np.stack([self.chars[sources[:, 0], 0], self.chars[sources[:, 1], 1]], axis=1))
 
 
 def read_manifest(root: str | Path, name: str = "train.jsonl") -> list[Utterance]:
@@ -144,7 +153,7 @@ class DiTARBatches:
         for u in corpus:
             if u.id in latents:
                 self.by_voice[u.voice].append(u)
-        self.frontend = TextFrontend(config.text)
+        self.frontend = model_frontend(config.text)
         self.prompt_range = tuple(patches_in(s, config.patch_seconds) for s in prompt_seconds)
 
     def prompt_for(self, item: Utterance, rng: random.Random) -> np.ndarray:

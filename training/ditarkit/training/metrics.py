@@ -30,7 +30,6 @@ from torch import Tensor
 
 from ditarkit.reference.losses import DiffusionNoise, SpeechBatch, teacher_force, velocity_loss
 from ditarkit.reference.model import DiTAR
-from ditarkit.runtime.text import TextFrontend
 from ditarkit.training.data import DiTARBatches, Utterance, collate
 
 PROBE_SEED = 1234  # the probe's prompts and noise: fixed for the whole run
@@ -48,7 +47,7 @@ class Probe:
 def build_probe(probe: list[Utterance], batches: DiTARBatches, device: str) -> Probe:
     """Each probe utterance with a prompt from a training utterance of its voice."""
     rng = random.Random(PROBE_SEED)
-    frontend = TextFrontend(batches.cfg.text)
+    frontend = batches.frontend
     p = batches.p
     texts, prompts, targets, windows = [], [], [], []
     for item in probe:

@@ -25,12 +25,8 @@ import argparse
 import dataclasses
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
-from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,169 +35,15 @@ import torch
 from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from ditarkit.reference.losses import LossOptions, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
-from ditarkit.runtime.config import DiTARConfig, preset
-from ditarkit.runtime.fileio import atomic_write
+from ditarkit.runtime.config import DiTARConfig, lexicon_text, preset
 from ditarkit.runtime.machine import cpu_flags
-from ditarkit.runtime.text import TextFrontend
-from ditarkit.training.curve import plot_curve
+from ditarkit.runtime.text import TextFrontend, model_frontend
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
-from ditarkit.training.ema import averaged
 from ditarkit.training.evaluate import Transcriber
 from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
-
-STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
-LOG_FILE = "log.jsonl"
-CURVE_FILE = "curve.png"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # end a run after its step, with a checkpoint
-
-
-# --------------------------------------------------------------------------------------
-# Shared loop: budget, checkpoints, exact resume, logging
-# --------------------------------------------------------------------------------------
-class Stage:
-    """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
-    (anything with state()/restore()) has its random state saved and restored with the
-    optimizer's and torch's. With `ema`, the checkpoint's weights are the moving average
-    (`sampling_model`) and the raw weights travel in the trainer state."""
-
-    def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
-                 sampler=None, ema: float = 0.0) -> None:
-        self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-        self.average = averaged(model, ema) if ema else None
-        self.lr, self.warmup, self.step = lr, warmup, 0
-        self.resumed = False
-        state = self.dir / STATE_FILE
-        if state.is_file():
-            self._restore(torch.load(state, map_location="cpu", weights_only=True))
-            log(f"{name}: resumed at step {self.step}")
-        self.stop_requested = False
-        self._handlers: dict[int, object] = {}  # signal -> the handler it had before the run
-
-    def _restore(self, saved: dict) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.step, self.resumed = saved["step"], True
-        if "model" in saved:  # the checkpoint held the average: the raw weights are here
-            self.model.load_state_dict(saved["model"])
-        if self.average is not None and "average" in saved:
-            self.average.load_state_dict(saved["average"])
-        elif self.average is not None:
-            log(f"{self.name}: the state has no moving average: it starts from the checkpoint's weights")
-        elif "average" in saved:
-            log(f"{self.name}: the moving average in the state is dropped (no --ema): training the raw weights")
-        if "torch_rng" in saved:
-            torch.set_rng_state(saved["torch_rng"])
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        if self.sampler is not None and saved.get("sampler_rng") is not None:
-            self.sampler.restore(_tuples(saved["sampler_rng"]))
-
-    def _request_stop(self, signum: int, _frame) -> None:
-        """The first Ctrl-C or SIGTERM ends the run after this step, with a checkpoint; the
-        handlers are given back at once, so a second one stops it at once."""
-        self.stop_requested = True
-        log(f"{self.name}: {signal.Signals(signum).name}: stopping after this step, with a checkpoint")
-        self._release_signals()
-
-    def _catch_signals(self) -> None:
-        """Handle SIGINT and SIGTERM while the run lasts; one ignored (a job started with
-        nohup or `&`) stays ignored."""
-        self._handlers = {}
-        for signum in STOP_SIGNALS:
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                self._handlers[signum] = signal.signal(signum, self._request_stop)
-
-    def _release_signals(self) -> None:
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
-        self._handlers = {}
-
-    def set_lr(self) -> None:
-        scale = min(1.0, (self.step + 1) / self.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * scale
-
-    def restart_average(self) -> None:
-        """The average starts again at the weights as they are (after a change made to them
-        outside training, such as balancing the scales of new parts)."""
-        if self.average is not None:
-            self.average.module.load_state_dict(self.model.state_dict())
-            self.average.n_averaged.zero_()
-
-    @property
-    def sampling_model(self) -> DiTAR:
-        """The weights to sample, evaluate and ship: the moving average when there is one."""
-        return self.model if self.average is None else self.average.module
-
-    def save(self) -> None:
-        save_checkpoint(self.sampling_model, self.dir)
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "sampler_rng": None if self.sampler is None else self.sampler.state()}
-        if self.average is not None:
-            state.update(model=self.model.state_dict(), average=self.average.state_dict())
-        atomic_write(self.dir / STATE_FILE, lambda p: torch.save(state, p))
-
-    def record(self, row: dict) -> None:
-        with (self.dir / LOG_FILE).open("a") as fh:
-            fh.write(json.dumps({"step": self.step, "time": time.time(), **row}) + "\n")
-
-    def run(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
-            every: float = 300.0, log_every: int = 50, evaluate: Callable[[], dict] | None = None,
-            evaluate_every: int = 0) -> None:
-        if evaluate and evaluate_every and not self.resumed:
-            self._evaluate(evaluate)  # the starting point of the curve
-        self._catch_signals()
-        try:
-            self._loop(step_fn, minutes, max_steps, every, log_every, evaluate, evaluate_every)
-        finally:
-            self._release_signals()
-        self.save()
-        log(f"{self.name}: saved at step {self.step} in {self.dir}")
-
-    def _loop(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
-              every: float, log_every: int, evaluate: Callable[[], dict] | None, evaluate_every: int) -> None:
-        start = last_save = time.time()
-        first_step = self.step
-        totals: dict[str, float] = defaultdict(float)
-        summed = 0
-        while not self.stop_requested:
-            if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
-                break
-            self.set_lr()
-            for key, value in step_fn().items():
-                totals[key] += value
-            if self.average is not None:
-                self.average.update_parameters(self.model)
-            self.step += 1
-            summed += 1
-            if self.step % log_every == 0:
-                means = {k: v / summed for k, v in totals.items()}
-                totals.clear()
-                summed = 0
-                rate = (self.step - first_step) / max(time.time() - start, 1e-9)
-                log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    + f" ({rate:.2f} steps/s)")
-                self.record(means)
-            if evaluate and evaluate_every and self.step % evaluate_every == 0:
-                self._evaluate(evaluate)
-            if time.time() - last_save > every:
-                self.save()
-                last_save = time.time()
-
-    def _evaluate(self, evaluate: Callable[[], dict]) -> None:
-        row = evaluate()
-        log(f"{self.name} step {self.step} metrics: " + " ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        self.record(row)
-        plot_curve(self.dir / LOG_FILE, self.dir / CURVE_FILE, f"{self.name}: {self.dir}")
-
-
-def _tuples(value):
-    """random.Random state survives torch.save as lists; setstate wants tuples."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+from ditarkit.training.stage import Stage
+from ditarkit.training.text_tables import carry_text_tables
 
 
 def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None,
@@ -233,15 +75,20 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
 
 
 def take_weights(model: DiTAR, source: DiTAR, name: str) -> set[str]:
-    """Copy every tensor of `source` into `model` (all must exist there with the same shape);
-    returns the parameter names copied."""
-    target = model.state_dict()
-    problems = [k for k, v in source.state_dict().items() if k not in target or target[k].shape != v.shape]
+    """Copy every tensor of `source` into `model` (all must exist there with the same shape,
+    but for the text tables of another frontend, carried over by unit); returns the parameter
+    names copied."""
+    target, weights = model.state_dict(), source.state_dict()
+    if source.config.text != model.config.text:  # another frontend: its tables, row by row
+        weights.update(carry_text_tables(model, source))
+        log(f"text tables carried over from {name}'s {source.config.text.frontend} frontend to "
+            f"{model.config.text.frontend}: {source.config.text.vocab_size} -> {model.config.text.vocab_size} ids")
+    problems = [k for k, v in weights.items() if k not in target or target[k].shape != v.shape]
     if problems:
         raise SystemExit(f"error: {name} does not fit the {model.config.name} preset: "
                          f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
-    model.load_state_dict(source.state_dict(), strict=False)
-    return set(source.state_dict())
+    model.load_state_dict(weights, strict=False)
+    return set(weights)
 
 
 # --------------------------------------------------------------------------------------
@@ -367,11 +214,12 @@ def parse_heads(spec: str, config: DiTARConfig) -> tuple[tuple[int, int], ...]:
 
 
 def _aligned(items: list[Utterance], frontend: TextFrontend) -> list[Utterance]:
-    """Utterances whose alignment covers exactly the characters the model reads."""
+    """Utterances whose alignment covers exactly the characters the model reads, aligned per
+    unit it reads."""
     kept = [u for u in items if u.chars is not None and len(u.chars) == len(frontend.readable(u.text))]
     if len(kept) < len(items):
         log(f"{len(items) - len(kept)} of {len(items)} utterances have no usable alignment: left out")
-    return kept
+    return [u.in_units(frontend) for u in kept]
 
 
 def train_ditar(args) -> None:
@@ -381,8 +229,10 @@ def train_ditar(args) -> None:
     config = preset(args.preset)
     if args.isolated_history is not None:
         config = dataclasses.replace(config, isolated_history=args.isolated_history == "on")
+    if args.frontend == "lexicon":
+        config = dataclasses.replace(config, text=lexicon_text(config.text))
     model, fresh = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
-    frontend = TextFrontend(model.config.text)
+    frontend = model_frontend(model.config.text)
     corpus = read_manifest(args.corpus)
     probe = read_manifest(args.corpus, "probe.jsonl") if (args.corpus / "probe.jsonl").is_file() else []
     if args.aligned_heads or model.config.cursor:
@@ -512,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
                         "the probe's at rate 1.0 for the teacher-forced one")
     parser.add_argument("--isolated-history", choices=["on", "off"],
                         help="a new model's LocDiT history attention (default: the preset's)")
+    parser.add_argument("--frontend", choices=["chars", "lexicon"], default="chars",
+                        help="a new model's text frontend: characters, or words as phonemes from the packaged "
+                        "lexicon (CMUdict; letters for words it lacks). From --init-from of the other kind, the "
+                        "rows of the symbols both read are carried over")
     parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
                         "shipped default voice), instead of the VAE stage's")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",

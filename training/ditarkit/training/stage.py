@@ -1,0 +1,171 @@
+"""The loop every training stage shares: a time or step budget, checkpoints every few minutes
+and on exit (also on Ctrl-C or SIGTERM), exact resume (optimizer, moving average, torch's and
+the batch sampler's random states), the log and the curve."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ditarkit.reference.checkpoint import save_checkpoint
+from ditarkit.reference.model import DiTAR
+from ditarkit.runtime.fileio import atomic_write
+from ditarkit.training.curve import plot_curve
+from ditarkit.training.data import log
+from ditarkit.training.ema import averaged
+
+STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
+LOG_FILE = "log.jsonl"
+CURVE_FILE = "curve.png"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # end a run after its step, with a checkpoint
+
+
+class Stage:
+    """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
+    (anything with state()/restore()) has its random state saved and restored with the
+    optimizer's and torch's. With `ema`, the checkpoint's weights are the moving average
+    (`sampling_model`) and the raw weights travel in the trainer state."""
+
+    def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
+                 sampler=None, ema: float = 0.0) -> None:
+        self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.average = averaged(model, ema) if ema else None
+        self.lr, self.warmup, self.step = lr, warmup, 0
+        self.resumed = False
+        state = self.dir / STATE_FILE
+        if state.is_file():
+            self._restore(torch.load(state, map_location="cpu", weights_only=True))
+            log(f"{name}: resumed at step {self.step}")
+        self.stop_requested = False
+        self._handlers: dict[int, object] = {}  # signal -> the handler it had before the run
+
+    def _restore(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.step, self.resumed = saved["step"], True
+        if "model" in saved:  # the checkpoint held the average: the raw weights are here
+            self.model.load_state_dict(saved["model"])
+        if self.average is not None and "average" in saved:
+            self.average.load_state_dict(saved["average"])
+        elif self.average is not None:
+            log(f"{self.name}: the state has no moving average: it starts from the checkpoint's weights")
+        elif "average" in saved:
+            log(f"{self.name}: the moving average in the state is dropped (no --ema): training the raw weights")
+        if "torch_rng" in saved:
+            torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if self.sampler is not None and saved.get("sampler_rng") is not None:
+            self.sampler.restore(_tuples(saved["sampler_rng"]))
+
+    def _request_stop(self, signum: int, _frame) -> None:
+        """The first Ctrl-C or SIGTERM ends the run after this step, with a checkpoint; the
+        handlers are given back at once, so a second one stops it at once."""
+        self.stop_requested = True
+        log(f"{self.name}: {signal.Signals(signum).name}: stopping after this step, with a checkpoint")
+        self._release_signals()
+
+    def _catch_signals(self) -> None:
+        """Handle SIGINT and SIGTERM while the run lasts; one ignored (a job started with
+        nohup or `&`) stays ignored."""
+        self._handlers = {}
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _release_signals(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def set_lr(self) -> None:
+        scale = min(1.0, (self.step + 1) / self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * scale
+
+    def restart_average(self) -> None:
+        """The average starts again at the weights as they are (after a change made to them
+        outside training, such as balancing the scales of new parts)."""
+        if self.average is not None:
+            self.average.module.load_state_dict(self.model.state_dict())
+            self.average.n_averaged.zero_()
+
+    @property
+    def sampling_model(self) -> DiTAR:
+        """The weights to sample, evaluate and ship: the moving average when there is one."""
+        return self.model if self.average is None else self.average.module
+
+    def save(self) -> None:
+        save_checkpoint(self.sampling_model, self.dir)
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "sampler_rng": None if self.sampler is None else self.sampler.state()}
+        if self.average is not None:
+            state.update(model=self.model.state_dict(), average=self.average.state_dict())
+        atomic_write(self.dir / STATE_FILE, lambda p: torch.save(state, p))
+
+    def record(self, row: dict) -> None:
+        with (self.dir / LOG_FILE).open("a") as fh:
+            fh.write(json.dumps({"step": self.step, "time": time.time(), **row}) + "\n")
+
+    def run(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
+            every: float = 300.0, log_every: int = 50, evaluate: Callable[[], dict] | None = None,
+            evaluate_every: int = 0) -> None:
+        if evaluate and evaluate_every and not self.resumed:
+            self._evaluate(evaluate)  # the starting point of the curve
+        self._catch_signals()
+        try:
+            self._loop(step_fn, minutes, max_steps, every, log_every, evaluate, evaluate_every)
+        finally:
+            self._release_signals()
+        self.save()
+        log(f"{self.name}: saved at step {self.step} in {self.dir}")
+
+    def _loop(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
+              every: float, log_every: int, evaluate: Callable[[], dict] | None, evaluate_every: int) -> None:
+        start = last_save = time.time()
+        first_step = self.step
+        totals: dict[str, float] = defaultdict(float)
+        summed = 0
+        while not self.stop_requested:
+            if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
+                break
+            self.set_lr()
+            for key, value in step_fn().items():
+                totals[key] += value
+            if self.average is not None:
+                self.average.update_parameters(self.model)
+            self.step += 1
+            summed += 1
+            if self.step % log_every == 0:
+                means = {k: v / summed for k, v in totals.items()}
+                totals.clear()
+                summed = 0
+                rate = (self.step - first_step) / max(time.time() - start, 1e-9)
+                log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    + f" ({rate:.2f} steps/s)")
+                self.record(means)
+            if evaluate and evaluate_every and self.step % evaluate_every == 0:
+                self._evaluate(evaluate)
+            if time.time() - last_save > every:
+                self.save()
+                last_save = time.time()
+
+    def _evaluate(self, evaluate: Callable[[], dict]) -> None:
+        row = evaluate()
+        log(f"{self.name} step {self.step} metrics: " + " ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        self.record(row)
+        plot_curve(self.dir / LOG_FILE, self.dir / CURVE_FILE, f"{self.name}: {self.dir}")
+
+
+def _tuples(value):
+    """random.Random state survives torch.save as lists; setstate wants tuples."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
