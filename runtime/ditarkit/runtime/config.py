@@ -236,7 +236,9 @@ class DiTARConfig(PatchTiming):
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["text"]["phonemes"] = list(self.text.phonemes)  # as JSON gives it back
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -245,6 +245,7 @@ class ModelContract(PatchTiming):
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["prompt"]["prefix"] = list(self.prompt.prefix)
+        data["text"]["phonemes"] = list(self.text.phonemes)  # as JSON gives it back
         return data
 
     def to_json(self) -> str:
