@@ -14,6 +14,9 @@ from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import preset
 
 STEPS = 8
+# The shared-history path runs the same fp32 ops as the whole sequence, in another order
+# (the history's keys and values once, then attended to by each draw).
+SHARED_HISTORY_TOLERANCE = 1e-5
 
 
 def _batch(cfg) -> SpeechBatch:
@@ -179,3 +182,29 @@ def test_lm_input_noise_reaches_only_the_target_patches_the_lm_reads():
     assert abs(float(mixed.var()) - 1.0) < 0.03
     with pytest.raises(ValueError, match="invalid loss options"):
         LossOptions(lm_input_noise=1.5)
+
+
+def test_a_patch_s_draws_share_its_isolated_history_as_the_whole_sequence_would_compute_it():
+    from ditarkit.reference.losses import mix_noise, velocity_loss
+    from ditarkit.runtime.diffusion import Schedule
+
+    torch.manual_seed(0)
+    model = DiTAR(dataclasses.replace(preset("tiny"), isolated_history=True))
+    torch.nn.init.normal_(model.locdit.out_proj.weight, std=0.02)  # not the zero init: a velocity to compare
+    cfg, draws, patches = model.config, 3, 5
+    x0 = torch.randn(patches * draws, cfg.patch_size, cfg.audio.latent_dim)
+    cond = torch.randn(patches * draws, cfg.lm.dim)
+    history = torch.randn(patches, cfg.history_frames, cfg.audio.latent_dim)
+    noise = DiffusionNoise.draw(x0, history, 0.3, 0.5, generator=torch.Generator().manual_seed(1))
+    assert noise.history_mix.shape == (patches, 1, 1) and noise.t.shape == (patches * draws,)
+    shared = velocity_loss(model, x0, cond, history, noise)
+    shared.backward()
+    shared_grad = model.locdit.history_proj.weight.grad.clone()
+    model.zero_grad()
+    schedule, tb = Schedule(cfg.diffusion.schedule), noise.t[:, None, None]
+    whole_history = mix_noise(history, noise.history_mix, noise.history_eps).repeat_interleave(draws, dim=0)
+    predicted = model.locdit(schedule.noisy(x0, noise.eps, tb), noise.t, cond * noise.keep_cond, whole_history)
+    whole = torch.nn.functional.mse_loss(predicted, schedule.velocity_target(x0, noise.eps, tb))
+    whole.backward()
+    assert abs(shared.item() - whole.item()) <= SHARED_HISTORY_TOLERANCE * whole.item()
+    assert torch.allclose(shared_grad, model.locdit.history_proj.weight.grad, atol=SHARED_HISTORY_TOLERANCE)

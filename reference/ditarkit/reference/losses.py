@@ -87,26 +87,27 @@ class TeacherForced:
 class DiffusionNoise:
     """Every random draw of the velocity loss, explicit so a metric can fix it."""
 
-    t: Tensor  # (N,)
-    eps: Tensor  # (N, P, C)
-    keep_cond: Tensor  # (N, 1) 0 where the condition is dropped for guidance
-    history_mix: Tensor  # (N, 1, 1) 0 = clean history, 1 = pure noise
+    t: Tensor  # (N * S,) for N patches drawn S times each
+    eps: Tensor  # (N * S, P, C)
+    keep_cond: Tensor  # (N * S, 1) 0 where the condition is dropped for guidance
+    history_mix: Tensor  # (N, 1, 1) per patch, shared by its draws: 0 = clean history, 1 = pure noise
     history_eps: Tensor  # (N, H*P, C)
 
     @classmethod
     def draw(cls, x0: Tensor, history: Tensor, cond_dropout: float, history_noise: float,
              generator: torch.Generator | None = None) -> DiffusionNoise:
-        n, device = x0.shape[0], x0.device
+        """`x0` (N * S, P, C): the patches as drawn; `history` (N, H*P, C): once per patch."""
+        n, patches, device = x0.shape[0], history.shape[0], x0.device
 
         def uniform(*shape: int) -> Tensor:
             return torch.rand(*shape, generator=generator, device=device)
 
-        noisy_history = uniform(n, 1, 1) < history_noise
+        noisy_history = uniform(patches, 1, 1) < history_noise
         return cls(
             t=uniform(n),
             eps=torch.randn(x0.shape, generator=generator, device=device),
             keep_cond=(uniform(n, 1) >= cond_dropout).to(x0.dtype),
-            history_mix=uniform(n, 1, 1) * noisy_history,
+            history_mix=uniform(patches, 1, 1) * noisy_history,
             history_eps=torch.randn(history.shape, generator=generator, device=device),
         )
 
@@ -147,14 +148,15 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
     if model.text_cursor is not None and batch.char_windows is None:
         raise ValueError("a model with a text cursor trains on aligned utterances only (char_windows)")
     sequences, targets, histories, hidden_index, stop_labels, advances = [], [], [], [], [], []
-    for b in range(batch.text_ids.shape[0]):
-        n_prompt, n_target = int(batch.prompt_patches[b]), int(batch.target_patches[b])
-        patches = torch.cat([
-            batch.prompt[b, : n_prompt * p].reshape(n_prompt, p, -1),
-            batch.target[b, : n_target * p].reshape(n_target, p, -1),
-        ])  # (Np + Nt, P, C)
-        read = torch.cat([patches[:n_prompt], noisy_lm_inputs(patches[n_prompt:], lm_input_noise, generator)])
-        vectors = model.aggregator(read)  # (Np + Nt, D); the reference is read clean, as in generation
+    counts = [(int(np_), int(nt)) for np_, nt in zip(batch.prompt_patches, batch.target_patches)]
+    every_patches = [torch.cat([batch.prompt[b, : n_prompt * p].reshape(n_prompt, p, -1),
+                                batch.target[b, : n_target * p].reshape(n_target, p, -1)])
+                     for b, (n_prompt, n_target) in enumerate(counts)]  # (Np + Nt, P, C) each
+    reads = [torch.cat([x[:n_prompt], noisy_lm_inputs(x[n_prompt:], lm_input_noise, generator)])
+             for x, (n_prompt, _) in zip(every_patches, counts)]  # the reference is read clean, as in generation
+    # One aggregator call for the batch: it reads every patch on its own.
+    every_vectors = model.aggregator(torch.cat(reads)).split([len(r) for r in reads])  # (Np + Nt, D) each
+    for b, ((n_prompt, n_target), patches, vectors) in enumerate(zip(counts, every_patches, every_vectors)):
         ids = batch.text_ids[b, : int(batch.text_lengths[b])]
         text = model.text_embedding(ids)
         start = model.text_embedding.weight[cfg.text.SPEECH_START][None]
@@ -202,13 +204,23 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
 
 
 def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise: DiffusionNoise) -> Tensor:
-    """v-prediction (or flow) MSE of LocDiT on the target patches under the given noise."""
+    """v-prediction (or flow) MSE of LocDiT on the target patches under the given noise. `x0`
+    and `cond` hold each patch's draws in a row (N * S), `history` each patch once (N): with
+    isolated history its keys and values are computed once and shared by the patch's draws,
+    as the runtime shares them between solver steps."""
     schedule = Schedule(model.config.diffusion.schedule)
     history = mix_noise(history, noise.history_mix, noise.history_eps)
+    draws = x0.shape[0] // history.shape[0]
     tb = noise.t[:, None, None]
     x_t = schedule.noisy(x0, noise.eps, tb)
     target = schedule.velocity_target(x0, noise.eps, tb)
-    return F.mse_loss(model.locdit(x_t, noise.t, cond * noise.keep_cond, history), target)
+    cond = cond * noise.keep_cond
+    if model.locdit.isolated_history:
+        keys, values = (kv.repeat_interleave(draws, dim=1) for kv in model.locdit.history_cache(history))
+        predicted = model.locdit.forward_cached(x_t, noise.t, cond, keys, values)
+    else:
+        predicted = model.locdit(x_t, noise.t, cond, history.repeat_interleave(draws, dim=0))
+    return F.mse_loss(predicted, target)
 
 
 def alignment_loss(probs: list[Tensor], heads: tuple[tuple[int, int], ...], rows: list[tuple[int, int, int]],
@@ -241,9 +253,10 @@ def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOpti
     forced = teacher_force(model, batch, {layer for layer, _ in options.aligned_heads} if supervise else set(),
                            options.lm_input_noise, generator)
     n = options.diffusion_samples
-    x0, cond, history = (a.repeat_interleave(n, dim=0) for a in (forced.x0, forced.cond, forced.history))
-    noise = DiffusionNoise.draw(x0, history, model.config.diffusion.cond_dropout, options.history_noise, generator)
-    diffusion = velocity_loss(model, x0, cond, history, noise)
+    x0, cond = (a.repeat_interleave(n, dim=0) for a in (forced.x0, forced.cond))
+    noise = DiffusionNoise.draw(x0, forced.history, model.config.diffusion.cond_dropout, options.history_noise,
+                                generator)
+    diffusion = velocity_loss(model, x0, cond, forced.history, noise)
     losses = {"loss": diffusion + options.stop_weight * forced.stop_loss, "diffusion": diffusion,
               "stop": forced.stop_loss}
     if forced.advance is not None:
