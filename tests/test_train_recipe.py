@@ -210,7 +210,7 @@ def test_a_stop_signal_ends_training_after_its_step_with_a_checkpoint(trained, s
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=SIGNAL_WAIT_SECONDS)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
-    assert f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint" in stderr
+    assert f"{signal.Signals(signum).name}: stopped after step" in stderr
     saved = torch.load(target / "ditar" / STATE_FILE, weights_only=True)["step"]
     assert saved >= 2 and f"saved at step {saved}" in stderr
     assert load_checkpoint(target / "ditar").config.name == "tiny"
@@ -231,6 +231,11 @@ def test_a_lexicon_model_starts_from_a_character_one_with_the_shared_rows_carrie
     assert model.config.text.vocab_size > source.config.text.vocab_size
     rows = [json.loads(line) for line in (run / "ditar" / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows if "gap_swapped_text_pct" in r] == [0, 2]  # the probe reads units too
+    with pytest.raises(SystemExit, match="reads with the lexicon frontend, not chars"):
+        main(["ditar", *common, "--run", str(run), "--steps", "3", "--frontend", "chars"])
+    onward = root / "lexicon-onward"  # --init-from a lexicon model, no --frontend: it stays one
+    main(["ditar", *common, "--run", str(onward), "--steps", "1", "--init-from", str(run / "ditar")])
+    assert load_checkpoint(onward / "ditar").config.text == model.config.text
 
 
 def test_text_tables_are_carried_by_what_each_id_means():
@@ -260,7 +265,7 @@ def test_text_tables_are_carried_by_what_each_id_means():
         carry_text_tables(alien, DiTAR(dataclasses.replace(preset("tiny"), text=TextConfig(symbols="ab"))))
 
 
-def test_a_lexicon_alignment_gives_a_word_s_phonemes_the_word_s_span():
+def test_a_lexicon_alignment_shares_a_word_s_span_among_its_phonemes():
     from ditarkit.runtime.config import lexicon_text
     from ditarkit.runtime.text import model_frontend
     from ditarkit.training.data import Utterance
@@ -270,4 +275,5 @@ def test_a_lexicon_alignment_gives_a_word_s_phonemes_the_word_s_span():
     item = Utterance("u", "v", text, None, chars)
     assert np.array_equal(item.in_units(TextFrontend(TextConfig())).chars, chars)  # characters: as they are
     units = item.in_units(model_frontend(lexicon_text())).chars
-    assert units.tolist() == [[0, 50]] * 4 + [[50, 60], [60, 70], [70, 80]]  # HH AH0 L OW1, " ", q, x
+    # HH AH0 L OW1 share "hello"'s 50 samples evenly, in order, as its letters did; " ", q, x as they were
+    assert units.tolist() == [[0, 12], [12, 25], [25, 38], [38, 50], [50, 60], [60, 70], [70, 80]]

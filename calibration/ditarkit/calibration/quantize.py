@@ -287,7 +287,7 @@ def write_quantized(bundle: str | Path, out: Path, recording: Recording, target:
 def bundle_files(config: ModelContract) -> list[str]:
     """The files beside the graphs that the contract names (a tokenizer, a lexicon): the INT8
     bundle carries them too, checked against the same checksums."""
-    return config.text.files
+    return list(config.text.files)
 
 
 def _kept_reason(bundle: Path, spec: GraphSpec) -> str | None:

@@ -19,7 +19,7 @@ from ditarkit.reference.runner import GRAPH_MODULES
 from ditarkit.runtime.contract import ModelContract
 from ditarkit.runtime.fileio import atomic_dir
 from ditarkit.runtime.lexicon import PACKAGED_LEXICON_DIR
-from ditarkit.runtime.manifest import Manifest, graph_signatures, signature_digest, with_files
+from ditarkit.runtime.manifest import BundleError, Manifest, file_sha256, graph_signatures, signature_digest, with_files
 
 Log = Callable[[str], None]
 
@@ -38,6 +38,10 @@ def export_bundle(
     graphs = {name: GRAPH_MODULES[name](model) for name in graph_signatures(contract)}
     source = {**(source or {}), "config": model.config.to_dict()}
     files = {name: PACKAGED_LEXICON_DIR / name for name in contract.text.files}  # a lexicon it reads with
+    for name, path in files.items():
+        if file_sha256(path) != contract.text.files[name]:
+            raise BundleError(f"the packaged {name} is not the one this model was trained with (its checksum "
+                              "differs): export it with the ditarkit version it was trained with")
     return write_bundle(graphs, contract, out, fp16, opset, source, log, files)
 
 

@@ -161,9 +161,11 @@ class TextSpec:
         object.__setattr__(self, "phonemes", tuple(self.phonemes))  # a list, read from JSON
 
     @property
-    def files(self) -> list[str]:
-        """The files beside the graphs this text spec names: a bundle carries them."""
-        return [f for f in (self.tokenizer_file, self.lexicon_file) if f]
+    def files(self) -> dict[str, str]:
+        """The files beside the graphs this text spec names, each with its checksum: a bundle
+        carries them."""
+        named = ((self.tokenizer_file, self.tokenizer_sha256), (self.lexicon_file, self.lexicon_sha256))
+        return {name: digest for name, digest in named if name}
 
 
 class PatchTiming:

@@ -55,7 +55,7 @@ def read_lexicon(path: Path, sha256: str | None = None) -> Lexicon:
         raise TextError(f"{path}: not a gzip'd UTF-8 lexicon ({err})") from None
     known, lexicon = frozenset(PHONEMES), {}
     for number, line in enumerate(lines, 1):
-        if line.startswith(";;;"):  # CMUdict's comments: the notice that travels with the data
+        if line.startswith(";;;") or not line.strip():  # CMUdict's comments: the notice that travels with the data
             continue
         word, *phonemes = line.split()
         if not phonemes or not known.issuperset(phonemes):
@@ -82,6 +82,9 @@ class LexiconFrontend(TextFrontend):
         super().__init__(spec)
         first = self.config.first_symbol_id + len(self.config.symbols)
         self._phoneme_ids = {p: first + i for i, p in enumerate(self.config.phonemes)}
+        unknown = {p for phonemes in lexicon.values() for p in phonemes} - set(self._phoneme_ids)
+        if unknown:
+            raise TextError(f"the lexicon uses phonemes the model has no ids for: {sorted(unknown)[:5]}")
         self.lexicon = lexicon
 
     @classmethod
@@ -91,7 +94,8 @@ class LexiconFrontend(TextFrontend):
 
     def pronounce(self, word: str) -> tuple[str, ...] | None:
         """The word's phonemes, or None where the lexicon has no entry for it."""
-        return self.lexicon.get(word) or self.lexicon.get(word.strip("'")) or _possessive(word, self.lexicon)
+        bare = word.strip("'")  # quotes around a word: 'zephyr's' is zephyr's
+        return self.lexicon.get(word) or self.lexicon.get(bare) or _possessive(bare, self.lexicon)
 
     def units(self, text: str) -> list[tuple[str, int, int]]:
         """(unit, first character, last character) of the readable text, in reading order."""

@@ -338,6 +338,8 @@ def load_manifest(bundle: str | Path, verify_files: bool = True) -> Manifest:
     if verify_files:
         for graph in manifest.graphs.values():
             verify_graph_file(bundle, graph)
+        for name, digest in manifest.config.text.files.items():  # a tokenizer, a lexicon
+            verify_file(bundle / name, digest)
     return manifest
 
 
@@ -357,13 +359,16 @@ def check_derived(data: Mapping[str, Any], manifest: Manifest, path: Path) -> No
 
 def verify_graph_file(bundle: Path, graph: GraphSpec) -> None:
     for name, digest in ((graph.file, graph.sha256), (graph.data_file, graph.data_sha256)):
-        if not name:
-            continue
-        path = bundle / name
-        if not path.is_file():
-            raise BundleError(f"{path} is missing from the bundle")
-        if file_sha256(path) != digest:
-            raise BundleError(f"{path} does not match its checksum in the manifest (corrupt or edited)")
+        if name:
+            verify_file(bundle / name, digest)
+
+
+def verify_file(path: Path, digest: str) -> None:
+    """The file is there and, where the manifest records a checksum, matches it."""
+    if not path.is_file():
+        raise BundleError(f"{path} is missing from the bundle")
+    if digest and file_sha256(path) != digest.lower():
+        raise BundleError(f"{path} does not match its checksum in the manifest (corrupt or edited)")
 
 
 def with_files(spec: GraphSpec, path: Path, data: Path | None = None) -> GraphSpec:

@@ -199,12 +199,13 @@ def text_frontend(spec: TextSpec, bundle: Path | None) -> TextFrontend | Tokeniz
     the bundle carries (checked against its checksum in the manifest)."""
     if spec.frontend == "chars":
         return TextFrontend(spec)
-    if bundle is None:
-        raise TextError(f"this model reads with a {spec.frontend} file, and no bundle folder holds one")
     if spec.frontend == "lexicon":
-        from ditarkit.runtime.lexicon import LexiconFrontend
+        from ditarkit.runtime.lexicon import PACKAGED_LEXICON_DIR, LexiconFrontend
 
-        return LexiconFrontend.from_spec(spec, bundle)
+        # without a bundle (the PyTorch reference, training): the kit's copy, by the same checksum
+        return LexiconFrontend.from_spec(spec, PACKAGED_LEXICON_DIR if bundle is None else bundle)
+    if bundle is None:
+        raise TextError("this model reads with a tokenizer file, and no bundle folder holds one")
     from ditarkit.runtime.tokenizer import TokenizerFrontend
 
     return TokenizerFrontend.from_spec(spec, bundle)
@@ -213,6 +214,4 @@ def text_frontend(spec: TextSpec, bundle: Path | None) -> TextFrontend | Tokeniz
 def model_frontend(config: TextConfig) -> TextFrontend:
     """The frontend a kit model reads with, from its config (training, the reference): a
     lexicon it names is the kit's packaged copy, checked against the config's checksum."""
-    from ditarkit.runtime.lexicon import PACKAGED_LEXICON_DIR
-
-    return text_frontend(config.spec(), PACKAGED_LEXICON_DIR if config.frontend == "lexicon" else None)
+    return text_frontend(config.spec(), None)

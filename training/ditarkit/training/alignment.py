@@ -135,7 +135,8 @@ def match_words(written: list[str], spoken: list[str]) -> list[tuple[int, int]]:
     return groups[::-1]
 
 
-def _even(span: tuple[int, int], count: int) -> np.ndarray:
+def even_spans(span: tuple[int, int], count: int) -> np.ndarray:
+    """`span` split into `count` consecutive [start, end) spans of (nearly) equal length."""
     edges = np.linspace(span[0], span[1], count + 1).round().astype(np.int64)
     return np.stack([edges[:-1], edges[1:]], axis=1)
 
@@ -155,10 +156,10 @@ def character_spans(text: str, words: list[SpokenWord], phonemize: Callable[[str
         first, last = words[j], words[j + b - 1]
         core = written.rstrip(PUNCTUATION)
         marks = written[len(core) :]
-        spans[position : position + len(core)] = _even((first.core[0], last.core[1]), len(core))
+        spans[position : position + len(core)] = even_spans((first.core[0], last.core[1]), len(core))
         position += len(core)
         if marks:
-            spans[position : position + len(marks)] = _even(last.punctuation, len(marks))
+            spans[position : position + len(marks)] = even_spans(last.punctuation, len(marks))
             position += len(marks)
         i, j = i + a, j + b
         if i < len(text_words):  # the space: from this group's end to the next word's start

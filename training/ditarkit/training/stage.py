@@ -44,7 +44,7 @@ class Stage:
         if state.is_file():
             self._restore(torch.load(state, map_location="cpu", weights_only=True))
             log(f"{name}: resumed at step {self.step}")
-        self.stop_requested = False
+        self.stop_requested: str | bool = False  # or the name of the signal that asked
         self._handlers: dict[int, object] = {}  # signal -> the handler it had before the run
 
     def _restore(self, saved: dict) -> None:
@@ -68,8 +68,7 @@ class Stage:
     def _request_stop(self, signum: int, _frame) -> None:
         """The first Ctrl-C or SIGTERM ends the run after this step, with a checkpoint; the
         handlers are given back at once, so a second one stops it at once."""
-        self.stop_requested = True
-        log(f"{self.name}: {signal.Signals(signum).name}: stopping after this step, with a checkpoint")
+        self.stop_requested = signal.Signals(signum).name  # logged by the loop: no I/O in a handler
         self._release_signals()
 
     def _catch_signals(self) -> None:
@@ -125,6 +124,8 @@ class Stage:
             self._loop(step_fn, minutes, max_steps, every, log_every, evaluate, evaluate_every)
         finally:
             self._release_signals()
+        if self.stop_requested:
+            log(f"{self.name}: {self.stop_requested}: stopped after step {self.step}, with a checkpoint")
         self.save()
         log(f"{self.name}: saved at step {self.step} in {self.dir}")
 

@@ -32,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, save_checkpoint
 from ditarkit.reference.losses import LossOptions, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
-from ditarkit.runtime.config import DiTARConfig, lexicon_text, preset
+from ditarkit.runtime.config import DiTARConfig, TextConfig, lexicon_text, preset
 from ditarkit.runtime.machine import cpu_flags
 from ditarkit.runtime.text import TextFrontend, model_frontend
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
-from ditarkit.training.evaluate import Transcriber
 from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
+from ditarkit.training.scoring import Transcriber
 from ditarkit.training.stage import Stage
 from ditarkit.training.text_tables import carry_text_tables
 
@@ -213,30 +213,47 @@ def parse_heads(spec: str, config: DiTARConfig) -> tuple[tuple[int, int], ...]:
     return tuple(heads)
 
 
+def _per_unit(items: list[Utterance], frontend: TextFrontend) -> list[Utterance]:
+    """Every utterance, aligned per unit the model reads where its alignment covers exactly
+    the characters it reads, else without an alignment."""
+    return [u.in_units(frontend) if u.chars is not None and len(u.chars) == len(frontend.readable(u.text))
+            else dataclasses.replace(u, chars=None) for u in items]
+
+
 def _aligned(items: list[Utterance], frontend: TextFrontend) -> list[Utterance]:
-    """Utterances whose alignment covers exactly the characters the model reads, aligned per
-    unit it reads."""
-    kept = [u for u in items if u.chars is not None and len(u.chars) == len(frontend.readable(u.text))]
+    """The utterances with a usable alignment, aligned per unit the model reads."""
+    kept = [u for u in _per_unit(items, frontend) if u.chars is not None]
     if len(kept) < len(items):
         log(f"{len(items) - len(kept)} of {len(items)} utterances have no usable alignment: left out")
-    return [u.in_units(frontend) for u in kept]
+    return kept
+
+
+def _text_config(frontend: str | None, preset_text: TextConfig, init_from: Path | None) -> TextConfig:
+    """A new model's text config: the frontend asked for; else the one of the checkpoint it
+    starts from, so --init-from a lexicon model stays one; else the preset's."""
+    if frontend is None:
+        return load_config(init_from).text if init_from else preset_text
+    return lexicon_text(preset_text) if frontend == "lexicon" else preset_text
 
 
 def train_ditar(args) -> None:
-    if not (args.run / "vae" / WEIGHTS_FILE).is_file() and not (args.init_from or args.vae_from):
+    resuming = (args.run / "ditar" / WEIGHTS_FILE).is_file()
+    if not resuming and not (args.run / "vae" / WEIGHTS_FILE).is_file() and not (args.init_from or args.vae_from):
         raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...), "
                          "or give --vae-from or --init-from")
     config = preset(args.preset)
     if args.isolated_history is not None:
         config = dataclasses.replace(config, isolated_history=args.isolated_history == "on")
-    if args.frontend == "lexicon":
-        config = dataclasses.replace(config, text=lexicon_text(config.text))
+    config = dataclasses.replace(config, text=_text_config(args.frontend, config.text, args.init_from))
     model, fresh = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
+    if args.frontend and model.config.text.frontend != args.frontend:
+        raise SystemExit(f"error: {args.run / 'ditar'} reads with the {model.config.text.frontend} frontend, not "
+                         f"{args.frontend}: a run keeps its frontend (start a new --run to change it)")
     frontend = model_frontend(model.config.text)
     corpus = read_manifest(args.corpus)
     probe = read_manifest(args.corpus, "probe.jsonl") if (args.corpus / "probe.jsonl").is_file() else []
-    if args.aligned_heads or model.config.cursor:
-        corpus, probe = _aligned(corpus, frontend), _aligned(probe, frontend)
+    aligned = _aligned if args.aligned_heads or model.config.cursor else _per_unit
+    corpus, probe = aligned(corpus, frontend), aligned(probe, frontend)
     latents = encode_corpus(model, corpus + probe, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
@@ -362,10 +379,10 @@ def main(argv: list[str] | None = None) -> None:
                         "the probe's at rate 1.0 for the teacher-forced one")
     parser.add_argument("--isolated-history", choices=["on", "off"],
                         help="a new model's LocDiT history attention (default: the preset's)")
-    parser.add_argument("--frontend", choices=["chars", "lexicon"], default="chars",
+    parser.add_argument("--frontend", choices=["chars", "lexicon"],
                         help="a new model's text frontend: characters, or words as phonemes from the packaged "
-                        "lexicon (CMUdict; letters for words it lacks). From --init-from of the other kind, the "
-                        "rows of the symbols both read are carried over")
+                        "lexicon (CMUdict; letters for words it lacks); default: --init-from's, else characters. "
+                        "From --init-from of the other kind, the rows of the symbols both read are carried over")
     parser.add_argument("--vae-from", type=Path, help="a checkpoint whose VAE a new DiTAR stage takes (e.g. the "
                         "shipped default voice), instead of the VAE stage's")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
