@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
     corpus, run = _corpus(root / "corpus"), root / "run"
     common = ["--corpus", str(corpus), "--preset", "tiny", "--batch", "2", "--threads", "1",
               "--max-target-seconds", "3", "--aligned-heads", HEADS, "--metrics-every", "2", "--forced-wer-every", "4",
-              "--lm-input-noise", "0.5"]
+              "--lm-input-noise", "0.5", "--drawn-inputs", "0.5", "--drawn-nfe", "2"]
     main(["vae", *common[:8], "--run", str(run), "--steps", "2"])
     return root, corpus, run, common
 
@@ -107,6 +107,7 @@ def test_ditar_logs_alignment_metrics_and_draws_the_curve(trained):
     assert [r["step"] for r in metrics] == [0, 2, 4]
     assert all(0.0 <= r["text_mass_mean"] <= 1.0 and r["aligned_error_r1"] >= 0 for r in metrics)
     assert {"aligned_error_r1.25", "best_head"} <= set(metrics[-1])
+    assert all(r["gap_drawn_inputs_pct"] > -100 and 0 <= r["advance_acc_drawn"] <= 1 for r in metrics)
     forced = [r for r in metrics if "forced_wer_pct" in r]
     assert [r["step"] for r in forced] == [0, 4]  # every --forced-wer-every steps
     scores = ("forced_wer_pct", "free_probe_wer_pct", "round_trip_wer_pct")
@@ -176,6 +177,8 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--ema", "1.0"], "--ema 1.0 is not a decay in"),
     (["--lm-input-noise", "1.5"], "--lm-input-noise 1.5 is not a probability in"),
+    (["--drawn-inputs", "-0.5"], "--drawn-inputs -0.5 is not a probability in"),
+    (["--drawn-nfe", "0"], "--drawn-nfe 0 is not a step count"),
     (["--metrics-every", "3", "--forced-wer-every", "4"], "--forced-wer-every 4 is not a multiple of"),
     (["--metrics-every", "0", "--wer-every", "4"], "--wer-every 4 is not a multiple of --metrics-every 0"),
 ])

@@ -10,6 +10,7 @@ multi-resolution STFT reconstruction plus a small KL.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditarkit.reference.model import DiTAR, SpeechVAE
-from ditarkit.runtime.diffusion import Schedule
+from ditarkit.reference.runner import LocDiTSamplerGraph
+from ditarkit.runtime.diffusion import Schedule, renoise_step
 
 STFT_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))  # (n_fft, hop): fine to coarse
 
@@ -61,11 +63,20 @@ class LossOptions:
     # stay clean), so it learns to take the content from the text.
     lm_input_noise: float = 0.0
     advance_weight: float = 0.5  # the text cursor's advance head (models with a cursor only)
+    # Scheduled sampling: noise is not what the LM reads in generation. With this probability
+    # an utterance's target patches are replaced, where the LM reads them and in LocDiT's
+    # history, by LocDiT's own draws of them (each from its teacher-forced condition and true
+    # history, without gradient, at `drawn_nfe` solver steps and the model's guidance and
+    # temperature); LocDiT's targets stay the true patches, so both learn to come back to
+    # the text from their own errors. Such an utterance gets no LM input noise.
+    drawn_inputs: float = 0.0
+    drawn_nfe: int = 4
 
     def __post_init__(self) -> None:
         weights = (self.alignment_weight, self.advance_weight)
-        rates = (self.history_noise, self.lm_input_noise)
-        if min(weights) < 0 or not all(0 <= r <= 1 for r in rates) or self.diffusion_samples < 1:
+        rates = (self.history_noise, self.lm_input_noise, self.drawn_inputs)
+        if (min(weights) < 0 or not all(0 <= r <= 1 for r in rates) or self.diffusion_samples < 1
+                or self.drawn_nfe < 1):
             raise ValueError(f"invalid loss options {self}")
 
 
@@ -138,11 +149,14 @@ def noisy_lm_inputs(targets: Tensor, rate: float, generator: torch.Generator | N
 
 
 def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = frozenset(),
-                  lm_input_noise: float = 0.0, generator: torch.Generator | None = None) -> TeacherForced:
+                  lm_input_noise: float = 0.0, generator: torch.Generator | None = None,
+                  drawn: list[Tensor | None] | None = None) -> TeacherForced:
     """The LM over [BOS text EOS, prompt patches, SPEECH_START, target patches] of every
     utterance; attention maps of `record_layers` kept. With a text cursor, each speech
     position's input also gets the cursor vector of the character its patch starts on.
-    `lm_input_noise` > 0 noises the target patches the LM reads (training only)."""
+    Training only: `lm_input_noise` > 0 noises the target patches the LM reads; `drawn`
+    (per utterance, None or its (Nt, P, C) patches as LocDiT drew them) replaces them where
+    the LM reads them and in LocDiT's history."""
     cfg = model.config
     p, h = cfg.patch_size, cfg.history_patches
     if model.text_cursor is not None and batch.char_windows is None:
@@ -152,8 +166,14 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
     every_patches = [torch.cat([batch.prompt[b, : n_prompt * p].reshape(n_prompt, p, -1),
                                 batch.target[b, : n_target * p].reshape(n_target, p, -1)])
                      for b, (n_prompt, n_target) in enumerate(counts)]  # (Np + Nt, P, C) each
-    reads = [torch.cat([x[:n_prompt], noisy_lm_inputs(x[n_prompt:], lm_input_noise, generator)])
-             for x, (n_prompt, _) in zip(every_patches, counts)]  # the reference is read clean, as in generation
+    drawn = drawn or [None] * len(counts)
+    # What the model conditions on: the true patches, or where drawn, the reference then its own.
+    given = [x if own is None else torch.cat([x[:n_prompt], own])
+             for x, own, (n_prompt, _) in zip(every_patches, drawn, counts)]
+    # The reference is read clean, as in generation; drawn patches are read as drawn.
+    reads = [x if own is not None else
+             torch.cat([x[:n_prompt], noisy_lm_inputs(x[n_prompt:], lm_input_noise, generator)])
+             for x, own, (n_prompt, _) in zip(given, drawn, counts)]
     # One aggregator call for the batch: it reads every patch on its own.
     every_vectors = model.aggregator(torch.cat(reads)).split([len(r) for r in reads])  # (Np + Nt, D) each
     for b, ((n_prompt, n_target), patches, vectors) in enumerate(zip(counts, every_patches, every_vectors)):
@@ -169,7 +189,7 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
         first = text.shape[0] + n_prompt  # the speech-start position predicts target 0
         hidden_index += [(b, first + j) for j in range(n_target)]
         targets.append(patches[n_prompt:])
-        histories += [patches[n_prompt + j - h : n_prompt + j].reshape(h * p, -1) for j in range(n_target)]
+        histories += [given[b][n_prompt + j - h : n_prompt + j].reshape(h * p, -1) for j in range(n_target)]
         labels = torch.zeros(n_target + 1, device=patches.device)
         labels[-1] = 1.0  # after the last target patch, speech ends
         stop_labels.append((b, first, labels))
@@ -201,6 +221,30 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
         advance_logits=model.lm.advance_head(cond) if cursor else None,
         advance=torch.cat(advances) if cursor else None,
     )
+
+
+@torch.no_grad()
+def own_draws(model: DiTAR, batch: SpeechBatch, chosen: Tensor, nfe: int,
+              generator: torch.Generator | None = None) -> list[Tensor | None]:
+    """For each utterance with `chosen` (B,) set, LocDiT's own draw of each of its target
+    patches, (Nt, P, C), from the teacher-forced condition and the true history, by the
+    sampler the runtime runs (at `nfe` steps, the model's guidance and temperature), all
+    patches at once; None for the others (LossOptions.drawn_inputs)."""
+    forced = teacher_force(model, batch)
+    sampler = dataclasses.replace(model.config.contract().sampler, nfe=nfe)
+    counts = [n for _, _, n in forced.rows]
+    starts = [sum(counts[:b]) for b in range(len(counts))]
+    rows = [b for b in range(len(counts)) if chosen[b]]
+    picked = torch.cat([torch.arange(starts[b], starts[b] + counts[b]) for b in rows])
+    cond, history = forced.cond[picked], forced.history[picked]
+    device, diffusion = cond.device, model.config.diffusion
+    noise = torch.randn((2, len(picked), *forced.x0.shape[1:]), generator=generator, device=device)
+    x_init = noise[0] if diffusion.temperature >= 1.0 else torch.zeros_like(noise[0])
+    renoise_at = torch.tensor(renoise_step(nfe, diffusion.temperature, sampler), device=device)
+    cfg_scale = torch.tensor([diffusion.cfg_scale], device=device)
+    patches = LocDiTSamplerGraph(model.locdit, sampler).solve(x_init, noise[1], renoise_at, cfg_scale, cond, history)
+    own = dict(zip(rows, patches.to(forced.x0.dtype).split([counts[b] for b in rows])))
+    return [own.get(b) for b in range(len(counts))]
 
 
 def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise: DiffusionNoise) -> Tensor:
@@ -250,8 +294,13 @@ def ditar_loss(model: DiTAR, batch: SpeechBatch, options: LossOptions = LossOpti
                generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Velocity MSE + stop BCE, + the attention alignment loss where the batch is aligned."""
     supervise = options.alignment_weight > 0 and bool(options.aligned_heads) and batch.char_windows is not None
+    drawn = None
+    if options.drawn_inputs > 0:
+        device = batch.target.device
+        chosen = torch.rand(batch.target.shape[0], generator=generator, device=device) < options.drawn_inputs
+        drawn = own_draws(model, batch, chosen, options.drawn_nfe, generator) if chosen.any() else None
     forced = teacher_force(model, batch, {layer for layer, _ in options.aligned_heads} if supervise else set(),
-                           options.lm_input_noise, generator)
+                           options.lm_input_noise, generator, drawn)
     n = options.diffusion_samples
     x0, cond = (a.repeat_interleave(n, dim=0) for a in (forced.x0, forced.cond))
     noise = DiffusionNoise.draw(x0, forced.history, model.config.diffusion.cond_dropout, options.history_noise,

@@ -123,7 +123,9 @@ class GuidedSolverStep(nn.Module):
 class LocDiTSamplerGraph(nn.Module):
     """The guided NFE loop of one patch, unrolled at the model's NFE: one call per patch
     instead of NFE, the same arithmetic as `diffusion.sample_patch`. Any model family's
-    LocDiT graph fits: `locdit(x, t, cond, history)` is the `locdit` graph's signature."""
+    LocDiT graph fits: `locdit(x, t, cond, history)` is the `locdit` graph's signature.
+    `solve` runs the same loop on a batch of patches at once (training draws its own
+    patches with it)."""
 
     def __init__(self, locdit: nn.Module, sampler: SamplerSpec) -> None:
         super().__init__()
@@ -137,23 +139,27 @@ class LocDiTSamplerGraph(nn.Module):
 
     def forward(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
                 history: Tensor) -> Tensor:
-        x = x_init
-        cond2 = torch.stack([cond, torch.zeros_like(cond)])  # (2, D): conditional, unconditional
+        return self.solve(x_init[None], renoise[None], renoise_step, cfg_scale, cond[None], history[None])[0]  # (P, C)
+
+    def solve(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
+              history: Tensor) -> Tensor:
+        """N patches at once: x_init, renoise (N, P, C), cond (N, D), history (N, H*P, C)."""
+        x, n = x_init, x_init.shape[0]
+        cond2 = torch.cat([cond, torch.zeros_like(cond)])  # (2N, D): conditional, then unconditional
         velocity_of = self._velocity(history)
         for index, (t, s) in enumerate(zip(self.grid[:-1], self.grid[1:])):
             velocity = None
             if index >= self.still:
-                velocity = velocity_of(torch.stack([x, x]), torch.full((2,), t), cond2)
+                velocity = velocity_of(torch.cat([x, x]), torch.full((2 * n,), t), cond2).unflatten(0, (2, n))
             x = self.solver(x, velocity, cfg_scale, renoise, renoise_step == index, t, s)
-        return x  # (P, C)
+        return x  # (N, P, C)
 
     def _velocity(self, history: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """LocDiT on both branches at one solver step, given this patch's history."""
+        """LocDiT on both branches of every patch at one solver step, given their history."""
         if self.caches_history:
-            keys, values = self.locdit.history_cache(history[None])  # batch 1, shared by both branches
-            keys, values = (a.expand(-1, 2, -1, -1, -1) for a in (keys, values))
+            keys, values = (torch.cat([a, a], dim=1) for a in self.locdit.history_cache(history))  # shared by branches
             return lambda x, t, cond: self.locdit.forward_cached(x, t, cond, keys, values)
-        history2 = torch.stack([history, history])
+        history2 = torch.cat([history, history])
         return lambda x, t, cond: self.locdit(x, t, cond, history2)
 
 

@@ -89,12 +89,17 @@ def zero_steps(nfe: int, sampler: SamplerSpec) -> int:
 
 
 def guided(velocity_pair, cfg_scale, guidance: str = "cfg"):
-    """Guidance on a batch-2 output [cond, uncond]: (1 + w) c - w u; with CFG-zero* the
-    unconditional branch is first scaled by st = <c, u> / |u|^2 (over the whole patch)."""
+    """Guidance on a batch-2 output [cond, uncond], each (..., P, C): (1 + w) c - w u; with
+    CFG-zero* the unconditional branch is first scaled by st = <c, u> / |u|^2 over each
+    patch (its last two axes)."""
     c, u = velocity_pair[0], velocity_pair[1]
     if guidance == "cfg_zero_star":
-        u = u * ((c * u).sum() / ((u * u).sum() + ZERO_STAR_EPS))
+        u = u * (_patch_sum(c * u) / (_patch_sum(u * u) + ZERO_STAR_EPS))
     return (1.0 + cfg_scale) * c - cfg_scale * u
+
+
+def _patch_sum(a):
+    return a.sum(axis=(-2, -1), keepdims=True)  # numpy arrays and torch tensors alike
 
 
 def renoise_step(nfe: int, temperature: float, sampler: SamplerSpec | None = None) -> int:

@@ -6,6 +6,9 @@ measurements differ only by the model:
 
 - loss gaps: the diffusion loss with each utterance's text swapped for another's, and with
   the LM output zeroed, relative to the right text (a model that ignores the text scores 0);
+  and with the model's own draws of the patches where the LM reads them and in LocDiT's
+  history (at the sampler's defaults): what reading its own output costs, the exposure bias
+  that free-running generation compounds (0 for a model its own errors do not move);
 - text mass per head: the attention from speech positions on the characters (BOS and EOS
   left out: BOS is an attention sink that would make every head look like a reader);
 - aligned-head error: how many characters a head's most-attended character lies outside the
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ditarkit.reference.losses import DiffusionNoise, SpeechBatch, teacher_force, velocity_loss
+from ditarkit.reference.losses import DiffusionNoise, SpeechBatch, own_draws, teacher_force, velocity_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.training.data import DiTARBatches, Utterance, collate
 
@@ -124,6 +127,22 @@ def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int
         out.update(_head_metrics(forced.probs, forced.rows, probe, aligned_heads))
         if forced.advance is not None:
             out.update(_cursor_metrics(model, probe, forced.advance_logits.argmax(-1) == forced.advance))
+        out.update(_drawn_input_metrics(model, probe, right, noise))
+    return out
+
+
+def _drawn_input_metrics(model: DiTAR, probe: Probe, right: float, noise: DiffusionNoise) -> dict[str, float]:
+    """The loss gap, and the advance head's accuracy, when every utterance's patches are the
+    model's own draws (from the teacher-forced condition and true history) where the LM reads
+    them and in LocDiT's history; the targets stay the true patches."""
+    every = torch.ones(probe.batch.target.shape[0], dtype=torch.bool)
+    generator = torch.Generator(device=probe.batch.target.device).manual_seed(PROBE_SEED)
+    drawn = own_draws(model, probe.batch, every, model.config.diffusion.nfe, generator)
+    own = teacher_force(model, probe.batch, drawn=drawn)
+    loss = float(velocity_loss(model, own.x0, own.cond, own.history, noise))
+    out = {"gap_drawn_inputs_pct": 100 * (loss / right - 1)}
+    if own.advance is not None:
+        out["advance_acc_drawn"] = float((own.advance_logits.argmax(-1) == own.advance).float().mean())
     return out
 
 

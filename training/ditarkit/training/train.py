@@ -12,8 +12,9 @@ batches and noise it would have drawn. Works on CPU or a GPU.
 The DiTAR stage makes the text carry the loss (the reasons are measured in FIELD-NOTES):
 a few LM heads are supervised toward the characters each patch speaks (`--aligned-heads`),
 LocDiT's history is mixed with noise now and then (`--history-noise`) so it must listen to
-the LM, the patches the LM reads can be too (`--lm-input-noise`) so that reading its own
-patches in generation does not throw it off the text, and a new model starts with text
+the LM, the patches the LM reads can be too (`--lm-input-noise`), or be LocDiT's own draws,
+there and in LocDiT's history (`--drawn-inputs`), so that reading its own patches in
+generation does not throw it off the text, and a new model starts with text
 embeddings at the patch vectors' scale and the LM's share of LocDiT's condition at the time
 embedding's. Every `--metrics-every` steps the alignment metrics (`metrics.py`) go into the
 log, and the curve (PNG) is redrawn.
@@ -258,7 +259,8 @@ def train_ditar(args) -> None:
     batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
                           alignment_weight=args.alignment_weight, history_noise=args.history_noise,
-                          lm_input_noise=args.lm_input_noise, advance_weight=args.advance_weight)
+                          lm_input_noise=args.lm_input_noise, advance_weight=args.advance_weight,
+                          drawn_inputs=args.drawn_inputs, drawn_nfe=args.drawn_nfe)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
     stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema)
@@ -305,7 +307,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """One-line refusals of settings that would fail, or silently do nothing, later."""
     if not 0.0 <= args.ema < 1.0:
         raise SystemExit(f"error: --ema {args.ema} is not a decay in [0, 1) (0: no moving average)")
-    for name in ("history_noise", "lm_input_noise"):
+    if args.drawn_nfe < 1:
+        raise SystemExit(f"error: --drawn-nfe {args.drawn_nfe} is not a step count (1 or more)")
+    for name in ("history_noise", "lm_input_noise", "drawn_inputs"):
         rate = getattr(args, name)
         if not 0.0 <= rate <= 1.0:
             raise SystemExit(f"error: --{name.replace('_', '-')} {rate} is not a probability in [0, 1]")
@@ -364,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-input-noise", type=float, default=0.0,
                         help="probability that an utterance's patches are mixed with noise where the LM reads "
                         "them in training (against exposure bias)")
+    parser.add_argument("--drawn-inputs", type=float, default=0.0,
+                        help="probability that an utterance's patches are LocDiT's own draws where the LM reads "
+                        "them and in LocDiT's history, in training (scheduled sampling; the draws cost time)")
+    parser.add_argument("--drawn-nfe", type=int, default=4, help="solver steps of those draws")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="DiTAR stage: decay of the weights' moving average that is checkpointed (0: none)")
