@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ditarkit.reference import losses as losses_module
 from ditarkit.reference.losses import LossOptions, SpeechBatch, ditar_loss, own_draws, teacher_force
 from ditarkit.reference.model import DiTAR
 from ditarkit.reference.runner import LocDiTSamplerGraph
@@ -54,7 +55,7 @@ def test_a_batch_of_patches_is_solved_as_each_patch_alone(isolated, guidance):
     cond, history = torch.randn(n, cfg.lm.dim, generator=g), torch.randn(n, cfg.history_frames, c, generator=g)
     step, scale = torch.tensor(2), torch.tensor([1.5])
     with torch.no_grad():
-        together = graph.solve(x_init, renoise, step, scale, cond, history)
+        together = graph(x_init, renoise, step, scale, cond, history)
         alone = torch.stack([graph(x_init[i], renoise[i], step, scale, cond[i], history[i]) for i in range(n)])
     assert together.shape == (n, p, c)
     torch.testing.assert_close(together, alone, atol=BATCHED_SOLVE_TOLERANCE, rtol=0)
@@ -70,9 +71,12 @@ def test_cfg_zero_star_scales_each_patch_by_its_own_projection():
     np.testing.assert_allclose(batched[1], guided(np.stack([c[1], u[1]]), 1.0, "cfg_zero_star"), rtol=1e-6)
 
 
-def test_own_draws_are_the_sampler_s_from_the_teacher_forced_condition_for_the_chosen_only():
+@pytest.mark.parametrize("temperature", [0.5, 1.0])  # from zeros, re-noised at tau; or from the noise
+def test_own_draws_are_the_sampler_s_from_the_teacher_forced_condition_for_the_chosen_only(temperature):
     model = _model(True)
-    batch = _batch(model.config)
+    cfg = model.config
+    model.config = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, temperature=temperature))
+    batch = _batch(cfg)
     chosen = torch.tensor([True, False, True])
     with torch.no_grad():
         drawn = own_draws(model, batch, chosen, nfe=3, generator=torch.Generator().manual_seed(2))
@@ -80,17 +84,42 @@ def test_own_draws_are_the_sampler_s_from_the_teacher_forced_condition_for_the_c
         forced = teacher_force(model, batch)
     assert drawn[1] is None and [d.shape[0] for d in (drawn[0], drawn[2])] == [7, 6]
     assert all(torch.equal(a, b) for a, b in zip((drawn[0], drawn[2]), (again[0], again[2])))
-    # the first utterance's patch 0, drawn alone from its condition and history with the same noise
-    cfg, p, c = model.config, model.config.patch_size, model.config.audio.latent_dim
-    sampler = dataclasses.replace(cfg.contract().sampler, nfe=3)
-    noise = torch.randn((2, 13, p, c), generator=torch.Generator().manual_seed(2))  # 13 chosen patches
+    # each chosen patch, drawn alone from its own condition and history with its own noise
+    # (13 chosen patches: the first utterance's 7, then the third's 6, rows 11-16 of the batch)
+    p, c = cfg.patch_size, cfg.audio.latent_dim
+    sampler = dataclasses.replace(model.config.contract().sampler, nfe=3)
+    noise = torch.randn((2, 13, p, c), generator=torch.Generator().manual_seed(2))
+    graph = LocDiTSamplerGraph(model.locdit, sampler)
+    step = torch.tensor(renoise_step(3, temperature, sampler))
+    for (b, j), k, row in (((0, 0), 0, 0), ((0, 6), 6, 6), ((2, 0), 7, 11), ((2, 5), 12, 16)):
+        x_init = noise[0, k] if temperature >= 1 else torch.zeros(p, c)
+        with torch.no_grad():
+            alone = graph(x_init, noise[1, k], step, torch.tensor([cfg.diffusion.cfg_scale]), forced.cond[row],
+                          forced.history[row])
+        torch.testing.assert_close(drawn[b][j], alone, atol=BATCHED_SOLVE_TOLERANCE, rtol=0)
+
+
+def test_no_draws_change_nothing_and_draw_nothing_from_the_generator():
+    model = _model(True)
+    batch = _batch(model.config)
+    states = []
     with torch.no_grad():
-        x_init = noise[0, 0] if cfg.diffusion.temperature >= 1 else torch.zeros(p, c)
-        alone = LocDiTSamplerGraph(model.locdit, sampler)(
-            x_init, noise[1, 0],
-            torch.tensor(renoise_step(3, cfg.diffusion.temperature, sampler)),
-            torch.tensor([cfg.diffusion.cfg_scale]), forced.cond[0], forced.history[0])
-    torch.testing.assert_close(drawn[0][0], alone, atol=BATCHED_SOLVE_TOLERANCE, rtol=0)
+        outputs = []
+        for drawn in (None, [None] * 3):
+            generator = torch.Generator().manual_seed(5)
+            outputs.append(teacher_force(model, batch, lm_input_noise=0.5, generator=generator, drawn=drawn))
+            states.append(generator.get_state())
+    assert torch.equal(outputs[0].cond, outputs[1].cond) and torch.equal(outputs[0].history, outputs[1].history)
+    assert torch.equal(states[0], states[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_own_draws_run_on_the_gpu():
+    model = _model(True).cuda()
+    batch = SpeechBatch(**{k: None if v is None else v.cuda() for k, v in vars(_batch(model.config)).items()})
+    drawn = own_draws(model, batch, torch.tensor([True, False, True], device="cuda"), nfe=2,
+                      generator=torch.Generator(device="cuda").manual_seed(0))
+    assert drawn[0].device.type == "cuda" and drawn[1] is None
 
 
 def test_drawn_patches_replace_what_the_lm_reads_and_locdit_s_history_never_its_targets():
@@ -120,11 +149,14 @@ def test_drawn_patches_replace_what_the_lm_reads_and_locdit_s_history_never_its_
     assert not torch.allclose(mixed.cond[keep], clean.cond[keep], atol=1e-4)
 
 
-def test_a_step_with_drawn_inputs_trains_every_part_and_the_rate_is_validated():
+def test_a_step_with_drawn_inputs_trains_every_part_and_the_rate_is_validated(monkeypatch):
     model = _model(True).train()
     batch = _batch(model.config)
     options = LossOptions(drawn_inputs=1.0, drawn_nfe=2)
+    calls = []
+    monkeypatch.setattr(losses_module, "own_draws", lambda *args: calls.append(args[2]) or own_draws(*args))
     losses = ditar_loss(model, batch, options, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and bool(calls[0].all())  # every utterance at rate 1
     losses["loss"].backward()
     for part in (model.lm, model.locdit, model.aggregator):
         assert any(float(q.grad.abs().max()) > 0 for q in part.parameters() if q.grad is not None)

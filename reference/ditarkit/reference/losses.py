@@ -40,6 +40,11 @@ class SpeechBatch:
     # during each target patch; None where the corpus has no alignment.
     char_windows: Tensor | None = None
 
+    def subset(self, rows: list[int]) -> SpeechBatch:
+        """These utterances alone, in this order."""
+        return SpeechBatch(**{field.name: None if (value := getattr(self, field.name)) is None else value[rows]
+                              for field in dataclasses.fields(self)})
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -86,7 +91,7 @@ class TeacherForced:
 
     cond: Tensor  # (N, D) LM output that predicts each target patch
     x0: Tensor  # (N, P, C) the target patches
-    history: Tensor  # (N, H*P, C) their clean previous frames
+    history: Tensor  # (N, H*P, C) their previous frames: the true ones, or where drawn, the draws
     stop_loss: Tensor  # ()
     probs: list[Tensor]  # per LM layer (B, H, S, S), when recorded
     rows: list[tuple[int, int, int]]  # (batch row, first speech position, target patches) per utterance
@@ -230,21 +235,18 @@ def own_draws(model: DiTAR, batch: SpeechBatch, chosen: Tensor, nfe: int,
     patches, (Nt, P, C), from the teacher-forced condition and the true history, by the
     sampler the runtime runs (at `nfe` steps, the model's guidance and temperature), all
     patches at once; None for the others (LossOptions.drawn_inputs)."""
-    forced = teacher_force(model, batch)
+    rows = torch.nonzero(chosen).flatten().tolist()
+    forced = teacher_force(model, batch.subset(rows))  # the LM over the chosen utterances only
     sampler = dataclasses.replace(model.config.contract().sampler, nfe=nfe)
-    counts = [n for _, _, n in forced.rows]
-    starts = [sum(counts[:b]) for b in range(len(counts))]
-    rows = [b for b in range(len(counts)) if chosen[b]]
-    picked = torch.cat([torch.arange(starts[b], starts[b] + counts[b]) for b in rows])
-    cond, history = forced.cond[picked], forced.history[picked]
-    device, diffusion = cond.device, model.config.diffusion
-    noise = torch.randn((2, len(picked), *forced.x0.shape[1:]), generator=generator, device=device)
+    device, diffusion = forced.cond.device, model.config.diffusion
+    noise = torch.randn((2, *forced.x0.shape), generator=generator, device=device)
     x_init = noise[0] if diffusion.temperature >= 1.0 else torch.zeros_like(noise[0])
     renoise_at = torch.tensor(renoise_step(nfe, diffusion.temperature, sampler), device=device)
     cfg_scale = torch.tensor([diffusion.cfg_scale], device=device)
-    patches = LocDiTSamplerGraph(model.locdit, sampler).solve(x_init, noise[1], renoise_at, cfg_scale, cond, history)
-    own = dict(zip(rows, patches.to(forced.x0.dtype).split([counts[b] for b in rows])))
-    return [own.get(b) for b in range(len(counts))]
+    patches = LocDiTSamplerGraph(model.locdit, sampler)(x_init, noise[1], renoise_at, cfg_scale, forced.cond,
+                                                        forced.history)
+    own = dict(zip(rows, patches.to(forced.x0.dtype).split([n for _, _, n in forced.rows])))
+    return [own.get(b) for b in range(len(chosen))]
 
 
 def velocity_loss(model: DiTAR, x0: Tensor, cond: Tensor, history: Tensor, noise: DiffusionNoise) -> Tensor:

@@ -124,8 +124,8 @@ class LocDiTSamplerGraph(nn.Module):
     """The guided NFE loop of one patch, unrolled at the model's NFE: one call per patch
     instead of NFE, the same arithmetic as `diffusion.sample_patch`. Any model family's
     LocDiT graph fits: `locdit(x, t, cond, history)` is the `locdit` graph's signature.
-    `solve` runs the same loop on a batch of patches at once (training draws its own
-    patches with it)."""
+    The same loop solves a batch of patches at once (training draws its own patches with
+    it): x_init, renoise (..., P, C), cond (..., D), history (..., H*P, C)."""
 
     def __init__(self, locdit: nn.Module, sampler: SamplerSpec) -> None:
         super().__init__()
@@ -139,23 +139,24 @@ class LocDiTSamplerGraph(nn.Module):
 
     def forward(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
                 history: Tensor) -> Tensor:
-        return self.solve(x_init[None], renoise[None], renoise_step, cfg_scale, cond[None], history[None])[0]  # (P, C)
-
-    def solve(self, x_init: Tensor, renoise: Tensor, renoise_step: Tensor, cfg_scale: Tensor, cond: Tensor,
-              history: Tensor) -> Tensor:
-        """N patches at once: x_init, renoise (N, P, C), cond (N, D), history (N, H*P, C)."""
-        x, n = x_init, x_init.shape[0]
-        cond2 = torch.cat([cond, torch.zeros_like(cond)])  # (2N, D): conditional, then unconditional
-        velocity_of = self._velocity(history)
+        # The state, its starting noise and the re-noise go into the solver as they are: only
+        # LocDiT's side is reshaped, so an fp16 export keeps the state's path in fp32.
+        x = x_init
+        patch = x.shape[-2:]
+        cond2 = torch.stack([cond, torch.zeros_like(cond)]).reshape(-1, cond.shape[-1])  # conditional, unconditional
+        velocity_of = self._velocity(history.reshape(-1, *history.shape[-2:]))
         for index, (t, s) in enumerate(zip(self.grid[:-1], self.grid[1:])):
             velocity = None
             if index >= self.still:
-                velocity = velocity_of(torch.cat([x, x]), torch.full((2 * n,), t), cond2).unflatten(0, (2, n))
+                x2 = torch.stack([x, x]).reshape(-1, *patch)  # (2N, P, C): every patch in both branches
+                times = torch.full((x2.shape[0],), t, device=x.device)
+                velocity = velocity_of(x2, times, cond2).reshape(2, *x.shape)
             x = self.solver(x, velocity, cfg_scale, renoise, renoise_step == index, t, s)
-        return x  # (N, P, C)
+        return x  # (..., P, C)
 
     def _velocity(self, history: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """LocDiT on both branches of every patch at one solver step, given their history."""
+        """LocDiT on both branches of every patch at one solver step, given their history
+        (N, H*P, C); branch-major, as `forward` stacks x and cond."""
         if self.caches_history:
             keys, values = (torch.cat([a, a], dim=1) for a in self.locdit.history_cache(history))  # shared by branches
             return lambda x, t, cond: self.locdit.forward_cached(x, t, cond, keys, values)

@@ -99,6 +99,7 @@ def guided(velocity_pair, cfg_scale, guidance: str = "cfg"):
 
 
 def _patch_sum(a):
+    # One patch is the last two axes (P, C); any axes before them are a batch of patches.
     return a.sum(axis=(-2, -1), keepdims=True)  # numpy arrays and torch tensors alike
 
 
