@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ditarkit.reference.model import DiTAR, SpeechVAE
 from ditarkit.reference.runner import LocDiTSamplerGraph
-from ditarkit.runtime.diffusion import Schedule, renoise_step
+from ditarkit.runtime.diffusion import Schedule, initial_state, renoise_step
 
 STFT_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))  # (n_fft, hop): fine to coarse
 
@@ -240,7 +240,7 @@ def own_draws(model: DiTAR, batch: SpeechBatch, chosen: Tensor, nfe: int,
     sampler = dataclasses.replace(model.config.contract().sampler, nfe=nfe)
     device, diffusion = forced.cond.device, model.config.diffusion
     noise = torch.randn((2, *forced.x0.shape), generator=generator, device=device)
-    x_init = noise[0] if diffusion.temperature >= 1.0 else torch.zeros_like(noise[0])
+    x_init = initial_state(noise, diffusion.temperature)
     renoise_at = torch.tensor(renoise_step(nfe, diffusion.temperature, sampler), device=device)
     cfg_scale = torch.tensor([diffusion.cfg_scale], device=device)
     patches = LocDiTSamplerGraph(model.locdit, sampler)(x_init, noise[1], renoise_at, cfg_scale, forced.cond,

@@ -114,9 +114,11 @@ def renoise_step(nfe: int, temperature: float, sampler: SamplerSpec | None = Non
     return -1
 
 
-def initial_state(noise: np.ndarray, temperature: float) -> np.ndarray:
-    """tau = 1 starts from the starting noise; otherwise from zeros (the mean)."""
-    return noise[0] if temperature >= 1.0 else np.zeros_like(noise[0])
+def initial_state(noise, temperature: float):
+    """tau = 1 starts from the starting noise; otherwise from zeros (the mean). `noise`
+    (2, ..., P, C), numpy or torch (training draws a batch of patches with it)."""
+    # x - x: +0.0 everywhere (finite noise), of the noise's type, dtype and device; x * 0 would give -0.0
+    return noise[0] if temperature >= 1.0 else noise[0] - noise[0]
 
 
 def sample_patch(
