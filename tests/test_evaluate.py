@@ -205,6 +205,8 @@ def test_command_compares_several_bundles(tiny_bundles, tmp_path, monkeypatch, m
         assert system["wer"] == pytest.approx(1 / 8) and system["reference_words"] == 8
         assert system["rtf"] > 0 and system["asr_rtf"] >= 0
         assert [u["voice"] for u in system["utterances"]] == ["low", "high"]  # cycled over the 2 references
+        assert system["per_voice"]["low"]["wer"] == pytest.approx(1 / 4)  # "the cat sat up": its one substitution
+        assert system["per_voice"]["high"]["wer"] == 0 and system["per_voice"]["high"]["reference_words"] == 4
         assert system["per_voice"]["low"]["ref_f0_hz"] == pytest.approx(110, abs=2)
         assert system["per_voice"]["high"]["ref_f0_hz"] == pytest.approx(220, abs=3)
         for u in system["utterances"]:
@@ -215,6 +217,8 @@ def test_command_compares_several_bundles(tiny_bundles, tmp_path, monkeypatch, m
     assert table[0].split()[:3] == ["system", "WER", "%"]
     assert [line.split()[:4] for line in table[1:3]] == [["ditar", "fp32", "[tiny32]", "12.5"],
                                                          ["ditar", "fp16", "[tiny16]", "12.5"]]
+    voice_rows = [line.split() for line in table if line.startswith("ditar") and ("low" in line or "high" in line)]
+    assert [row[3:5] for row in voice_rows] == [["low", "25.0"], ["high", "0.0"]] * 2  # per-voice WER column
     assert "evaluating" in result.stderr and "evaluating" not in result.stdout  # progress on stderr
 
 

@@ -210,13 +210,16 @@ def _mono_file(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _per_voice(utterances: list[dict]) -> dict[str, dict[str, Any]]:
-    """Reference and output median F0 and the semitone summary, per reference voice."""
+    """WER, reference and output median F0 and the semitone summary, per reference voice: a
+    voice near the training voices and one far from them fail in different ways."""
     summary = {}
     for voice in dict.fromkeys(u["voice"] for u in utterances):
         mine = [u for u in utterances if u["voice"] == voice]
+        edits, total = word_errors([u["text"] for u in mine], [u["transcript"] for u in mine])
         ref_hz = [f for f in {u["ref"]: u["ref_f0_hz"] for u in mine}.values() if f is not None]
         out_hz = [u["f0_hz"] for u in mine if u["f0_hz"] is not None]
-        summary[voice] = {"ref_f0_hz": statistics.median(ref_hz) if ref_hz else None,
+        summary[voice] = {"wer": edits / total if total else None, "word_edits": edits, "reference_words": total,
+                          "ref_f0_hz": statistics.median(ref_hz) if ref_hz else None,
                           "out_f0_hz": statistics.median(out_hz) if out_hz else None,
                           **f0_summary([u["semitones"] for u in mine])}
     return summary
@@ -382,10 +385,11 @@ def _voice_rows(systems: list[dict], width: int) -> list[str]:
     if not rows:
         return []
     vwidth = max(len("reference voice"), *(len(v) for _, v, _ in rows)) + 2
-    lines = ["", f"{'system':<{width}}{'reference voice':<{vwidth}}{'ref F0':>8}{'out F0':>8}"
+    lines = ["", f"{'system':<{width}}{'reference voice':<{vwidth}}{'WER %':>7}{'ref F0':>8}{'out F0':>8}"
                  f"{'|dF0| st':>10}{'<=2 st':>8}"]
     for s, voice, p in rows:
-        lines.append(f"{_name(s):<{width}}{voice:<{vwidth}}{_num(p['ref_f0_hz'], '.0f'):>8}"
+        lines.append(f"{_name(s):<{width}}{voice:<{vwidth}}{_num(p.get('wer'), '.1f', 100):>7}"
+                     f"{_num(p['ref_f0_hz'], '.0f'):>8}"
                      f"{_num(p['out_f0_hz'], '.0f'):>8}{_num(p['median_abs_semitones'], '.2f'):>10}"
                      f"{_num(p['within_target'], '.0f', 100, '%'):>8}")
     return lines
