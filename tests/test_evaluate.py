@@ -17,7 +17,15 @@ from click.testing import CliRunner
 from ditarkit.training import evaluate as ev
 from ditarkit.training import scoring
 from ditarkit.training.evaluate import EvaluationError, load_corpus
-from ditarkit.training.scoring import f0_summary, median_f0, semitones, word_error_rate, word_errors, words
+from ditarkit.training.scoring import (
+    f0_summary,
+    median_f0,
+    semitones,
+    word_counts,
+    word_error_rate,
+    word_errors,
+    words,
+)
 
 RATE = 24_000
 
@@ -53,6 +61,10 @@ def test_wer_is_edits_over_reference_words(measures):
     assert word_error_rate(["Cats eat.", "dogs bark"], ["cats eat", "dogs bark loudly"]) == pytest.approx(0.25)
     assert word_errors(["a b c", "d e"], ["", "d x e y"]) == (3 + 2, 5)  # 3 deletions; 2 insertions
     assert word_errors(["...", "a b"], ["x", "a b"]) == (0, 2)  # a reference without words is not scored
+    loop = word_counts(["well said"], ["well well well well well well"])  # a transcriber loop on unclear audio
+    assert (loop.hits, loop.substitutions, loop.deletions, loop.insertions) == (1, 1, 0, 4)
+    assert loop.summary()["wer"] == pytest.approx(2.5) and loop.heard == pytest.approx(0.5)  # heard stays <= 100 %
+    assert word_counts(["..."], ["x"]).heard is None and word_counts(["..."], ["x"]).summary()["wer"] is None
     assert word_error_rate(["He was born in 1979."], ["he was born in nineteen seventy nine"]) == 0.0
     assert word_error_rate(["big cat"], ["a tall green dog"]) == pytest.approx(2.0)  # WER can pass 100 %
     with pytest.raises(ValueError, match="no reference words"):
@@ -203,6 +215,9 @@ def test_command_compares_several_bundles(tiny_bundles, tmp_path, monkeypatch, m
     assert [s["precision"] for s in report["systems"]] == ["fp32", "fp16"]
     for system in report["systems"]:
         assert system["wer"] == pytest.approx(1 / 8) and system["reference_words"] == 8
+        assert system["words_heard"] == pytest.approx(7 / 8) and system["substitutions"] == 1
+        assert system["deletions"] == system["insertions"] == 0
+        assert system["per_voice"]["low"]["words_heard"] == pytest.approx(3 / 4)
         assert system["rtf"] > 0 and system["asr_rtf"] >= 0
         assert [u["voice"] for u in system["utterances"]] == ["low", "high"]  # cycled over the 2 references
         assert system["per_voice"]["low"]["wer"] == pytest.approx(1 / 4)  # "the cat sat up": its one substitution
@@ -215,10 +230,10 @@ def test_command_compares_several_bundles(tiny_bundles, tmp_path, monkeypatch, m
     assert any("fp16" in t["target"] and t["met"] for t in report["targets"])  # same WER: within 1 point
     table = result.stdout.splitlines()
     assert table[0].split()[:3] == ["system", "WER", "%"]
-    assert [line.split()[:4] for line in table[1:3]] == [["ditar", "fp32", "[tiny32]", "12.5"],
-                                                         ["ditar", "fp16", "[tiny16]", "12.5"]]
+    assert [line.split()[:5] for line in table[1:3]] == [["ditar", "fp32", "[tiny32]", "12.5", "87.5"],
+                                                         ["ditar", "fp16", "[tiny16]", "12.5", "87.5"]]
     voice_rows = [line.split() for line in table if line.startswith("ditar") and ("low" in line or "high" in line)]
-    assert [row[3:5] for row in voice_rows] == [["low", "25.0"], ["high", "0.0"]] * 2  # per-voice WER column
+    assert [row[3:6] for row in voice_rows] == [["low", "25.0", "75.0"], ["high", "0.0", "100.0"]] * 2  # WER, heard
     assert "evaluating" in result.stderr and "evaluating" not in result.stdout  # progress on stderr
 
 

@@ -14,8 +14,9 @@ PANELS = (
     ("aligned heads and free cursor: characters off (probe)", (
         "aligned_error_r0.7", "aligned_error_r1", "aligned_error_r1.5", "best_head_error_r0.7", "best_head_error_r1",
         "best_head_error_r1.5", "cursor_error_r0.7", "cursor_error_r1", "cursor_error_r1.5")),
-    ("WER (%): unseen voices free-running; probe free-running, teacher-forced, VAE round trip",
-     ("wer_pct", "free_probe_wer_pct", "forced_wer_pct", "round_trip_wer_pct")),
+    ("WER (%): unseen voices free-running; probe free-running, teacher-forced, VAE round trip;\n"
+     "words heard right (%), unseen voices", ("wer_pct", "free_probe_wer_pct", "forced_wer_pct", "round_trip_wer_pct",
+                                              "heard_pct")),
 )
 
 

@@ -44,8 +44,8 @@ from ditarkit.training.scoring import (
     median_f0,
     normalizer_name,
     semitones,
+    word_counts,
     word_error_rate,
-    word_errors,
     words,
 )
 
@@ -139,11 +139,10 @@ def load_corpus(corpus: str | Path, sentences: int, refs: int) -> tuple[list[str
 
 def _score(name: str, texts: list[str], utterances: list[dict], **extra: Any) -> dict[str, Any]:
     """A system's row: corpus WER, and synthesis and transcription time over audio time."""
-    edits, total = word_errors(texts, [u["transcript"] for u in utterances])
+    counts = word_counts(texts, [u["transcript"] for u in utterances])
     audio_seconds = sum(u["seconds"] for u in utterances)
     return {
-        "system": name, **extra,
-        "wer": edits / total if total else None, "word_edits": edits, "reference_words": total,
+        "system": name, **extra, **counts.summary(),
         "sentences": len(texts), "audio_seconds": round(audio_seconds, 3),
         "rtf": sum(u["synth_seconds"] for u in utterances) / audio_seconds if audio_seconds else None,
         "asr_rtf": sum(u["asr_seconds"] for u in utterances) / audio_seconds if audio_seconds else None,
@@ -215,11 +214,10 @@ def _per_voice(utterances: list[dict]) -> dict[str, dict[str, Any]]:
     summary = {}
     for voice in dict.fromkeys(u["voice"] for u in utterances):
         mine = [u for u in utterances if u["voice"] == voice]
-        edits, total = word_errors([u["text"] for u in mine], [u["transcript"] for u in mine])
+        counts = word_counts([u["text"] for u in mine], [u["transcript"] for u in mine])
         ref_hz = [f for f in {u["ref"]: u["ref_f0_hz"] for u in mine}.values() if f is not None]
         out_hz = [u["f0_hz"] for u in mine if u["f0_hz"] is not None]
-        summary[voice] = {"wer": edits / total if total else None, "word_edits": edits, "reference_words": total,
-                          "ref_f0_hz": statistics.median(ref_hz) if ref_hz else None,
+        summary[voice] = {**counts.summary(), "ref_f0_hz": statistics.median(ref_hz) if ref_hz else None,
                           "out_f0_hz": statistics.median(out_hz) if out_hz else None,
                           **f0_summary([u["semitones"] for u in mine])}
     return summary
@@ -371,10 +369,11 @@ def _name(system: dict) -> str:
 
 
 def _system_rows(systems: list[dict], width: int) -> list[str]:
-    lines = [f"{'system':<{width}}{'WER %':>7}{'RTF':>7}{'ASR RTF':>9}{'|dF0| st':>10}{'<=2 st':>8}"]
+    lines = [f"{'system':<{width}}{'WER %':>7}{'heard %':>9}{'RTF':>7}{'ASR RTF':>9}{'|dF0| st':>10}{'<=2 st':>8}"]
     for s in systems:
         f0 = s.get("f0") or {}
-        lines.append(f"{_name(s):<{width}}{_num(s['wer'], '.1f', 100):>7}{_num(s['rtf'], '.3f'):>7}"
+        lines.append(f"{_name(s):<{width}}{_num(s['wer'], '.1f', 100):>7}{_num(s.get('words_heard'), '.1f', 100):>9}"
+                     f"{_num(s['rtf'], '.3f'):>7}"
                      f"{_num(s['asr_rtf'], '.3f'):>9}{_num(f0.get('median_abs_semitones'), '.2f'):>10}"
                      f"{_num(f0.get('within_target'), '.0f', 100, '%'):>8}")
     return lines
@@ -385,11 +384,11 @@ def _voice_rows(systems: list[dict], width: int) -> list[str]:
     if not rows:
         return []
     vwidth = max(len("reference voice"), *(len(v) for _, v, _ in rows)) + 2
-    lines = ["", f"{'system':<{width}}{'reference voice':<{vwidth}}{'WER %':>7}{'ref F0':>8}{'out F0':>8}"
-                 f"{'|dF0| st':>10}{'<=2 st':>8}"]
+    lines = ["", f"{'system':<{width}}{'reference voice':<{vwidth}}{'WER %':>7}{'heard %':>9}{'ref F0':>8}"
+                 f"{'out F0':>8}{'|dF0| st':>10}{'<=2 st':>8}"]
     for s, voice, p in rows:
         lines.append(f"{_name(s):<{width}}{voice:<{vwidth}}{_num(p.get('wer'), '.1f', 100):>7}"
-                     f"{_num(p['ref_f0_hz'], '.0f'):>8}"
+                     f"{_num(p.get('words_heard'), '.1f', 100):>9}{_num(p['ref_f0_hz'], '.0f'):>8}"
                      f"{_num(p['out_f0_hz'], '.0f'):>8}{_num(p['median_abs_semitones'], '.2f'):>10}"
                      f"{_num(p['within_target'], '.0f', 100, '%'):>8}")
     return lines

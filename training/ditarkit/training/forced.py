@@ -1,9 +1,12 @@
 """WER on a few probe sentences in their own (training) voices, three ways. Teacher-forced:
 can LocDiT render what the LM gives it? Every patch is drawn by the model's own sampler from
 the true previous patches and the LM's teacher-forced condition (true history, true text
-cursor); no error can compound, so this moves long before a free-running WER does.
-Free-running: the same sentences and prompts, every patch from the model's own; its gap to
-the teacher-forced figure is what compounding costs, apart from following an unseen voice.
+cursor); no error can compound, so this moves long before a free-running WER does. It is
+not a ceiling of free-running output: each drawn patch is followed by the true next one, not
+by its own continuation, so its audio breaks at patch boundaries (seen in spectrograms), and
+a model trained on its own draws can read better free-running. Free-running: the same
+sentences and prompts, every patch from the model's own; its gap to the teacher-forced
+figure is what compounding costs, apart from following an unseen voice.
 The VAE round trip of the same sentences is the floor of both."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +98,55 @@ def words(text: str) -> str:
     return " ".join(w for w in _english_normalizer()(text).split() if any(c.isalnum() for c in w))
 
 
-def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[int, int]:
-    """(edits, reference words) over all pairs after `words`; a pair whose reference has no
-    words is not scored."""
+@dataclass(frozen=True)
+class WordCounts:
+    """The alignment of transcripts to references, word by word. `heard` (the share of
+    reference words transcribed right) does not grow past 100% when the transcriber loops on
+    unclear audio ("well, well, well, ..."): insertions raise the WER alone."""
+
+    hits: int
+    substitutions: int
+    deletions: int
+    insertions: int
+
+    @property
+    def reference_words(self) -> int:
+        return self.hits + self.substitutions + self.deletions
+
+    @property
+    def edits(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+    @property
+    def heard(self) -> float | None:
+        return self.hits / self.reference_words if self.reference_words else None
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The report's fields: WER, share heard, the edit counts."""
+        total = self.reference_words
+        return {"wer": self.edits / total if total else None, "words_heard": self.heard, "word_edits": self.edits,
+                "reference_words": total, "substitutions": self.substitutions, "deletions": self.deletions,
+                "insertions": self.insertions}
+
+
+def word_counts(references: Sequence[str], hypotheses: Sequence[str]) -> WordCounts:
+    """Hits and edits over all pairs after `words`; a pair whose reference has no words is not
+    scored."""
     import jiwer
 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     pairs = [(r, h) for r, h in zip(map(words, references), map(words, hypotheses)) if r]
     if not pairs:
-        return 0, 0
+        return WordCounts(0, 0, 0, 0)
     out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
-    return out.substitutions + out.deletions + out.insertions, sum(len(r.split()) for r, _ in pairs)
+    return WordCounts(out.hits, out.substitutions, out.deletions, out.insertions)
+
+
+def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[int, int]:
+    """(edits, reference words) over all pairs after `words` (see `word_counts`)."""
+    counts = word_counts(references, hypotheses)
+    return counts.edits, counts.reference_words
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
