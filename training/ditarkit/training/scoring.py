@@ -118,15 +118,18 @@ class WordCounts:
         return self.substitutions + self.deletions + self.insertions
 
     @property
+    def wer(self) -> float | None:
+        return self.edits / self.reference_words if self.reference_words else None
+
+    @property
     def heard(self) -> float | None:
         return self.hits / self.reference_words if self.reference_words else None
 
     def summary(self) -> dict[str, float | int | None]:
         """The report's fields: WER, share heard, the edit counts."""
-        total = self.reference_words
-        return {"wer": self.edits / total if total else None, "words_heard": self.heard, "word_edits": self.edits,
-                "reference_words": total, "substitutions": self.substitutions, "deletions": self.deletions,
-                "insertions": self.insertions}
+        return {"wer": self.wer, "words_heard": self.heard, "word_edits": self.edits,
+                "reference_words": self.reference_words, "substitutions": self.substitutions,
+                "deletions": self.deletions, "insertions": self.insertions}
 
 
 def word_counts(references: Sequence[str], hypotheses: Sequence[str]) -> WordCounts:
@@ -151,10 +154,10 @@ def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[i
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus-level WER: all edits over all reference words (not a mean of per-sentence rates)."""
-    edits, total = word_errors(references, hypotheses)
-    if not total:
+    wer = word_counts(references, hypotheses).wer
+    if wer is None:
         raise ValueError("no reference words to score")
-    return edits / total
+    return wer
 
 
 # --------------------------------------------------------------------------- F0

@@ -196,9 +196,10 @@ def free_running_wer(checkpoint: Path, corpus: Path, sentences: int) -> dict[str
             log(f"free-running WER skipped: {' '.join(command[:3])} failed: {done.stderr.strip()[-300:]}")
             return {}
     row = json.loads(report.read_text())["systems"][0]
-    percent = {f"{key}_pct": 100 * row[name] for key, name in (("wer", "wer"), ("heard", "words_heard"))
-               if row.get(name) is not None}
-    return {**percent, "f0_semitones": (row.get("f0") or {}).get("median_abs_semitones")}
+    metrics = {"wer_pct": 100 * row["wer"], "f0_semitones": (row.get("f0") or {}).get("median_abs_semitones")}
+    if row.get("words_heard") is not None:
+        metrics["heard_pct"] = 100 * row["words_heard"]
+    return metrics
 
 
 def parse_heads(spec: str, config: DiTARConfig) -> tuple[tuple[int, int], ...]:
