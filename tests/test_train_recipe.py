@@ -75,6 +75,14 @@ def trained(tmp_path_factory):
     return root, corpus, run, common
 
 
+def _with_vae(run, target):
+    """A new run folder holding the fixture's VAE stage."""
+    (target / "vae").mkdir(parents=True)
+    for f in (run / "vae").iterdir():
+        (target / "vae" / f.name).write_bytes(f.read_bytes())
+    return target
+
+
 def test_vae_stage_sets_latent_statistics(trained):
     _, _, run, _ = trained
     vae = load_checkpoint(run / "vae")
@@ -83,11 +91,7 @@ def test_vae_stage_sets_latent_statistics(trained):
 
 def test_ditar_resumes_exactly_where_an_uninterrupted_run_would_be(trained):
     root, _, run, common = trained
-    straight, stopped = root / "straight", root / "stopped"
-    for target in (straight, stopped):
-        (target / "vae").mkdir(parents=True)
-        for f in (run / "vae").iterdir():
-            (target / "vae" / f.name).write_bytes(f.read_bytes())
+    straight, stopped = _with_vae(run, root / "straight"), _with_vae(run, root / "stopped")
     main(["ditar", *common, "--run", str(straight), "--steps", "4"])
     main(["ditar", *common, "--run", str(stopped), "--steps", "2"])
     main(["ditar", *common, "--run", str(stopped), "--steps", "4"])  # a new process would do the same
@@ -183,10 +187,21 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
     (["--drawn-nfe", "0"], "--drawn-nfe 0 is not a step count"),
     (["--metrics-every", "3", "--forced-wer-every", "4"], "--forced-wer-every 4 is not a multiple of"),
     (["--metrics-every", "0", "--wer-every", "4"], "--wer-every 4 is not a multiple of --metrics-every 0"),
+    (["--workers", "3", "--batch", "16"], "--workers 3 does not divide --batch 16 into equal shares"),
+    (["--workers", "0"], "--workers 0 does not divide"),
 ])
 def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         main(["ditar", "--run", str(tmp_path), *flags])
+
+
+def _wait_for_step_two(proc: subprocess.Popen, log) -> None:
+    """Until the training child has logged step 2; it must still be training then."""
+    deadline = time.monotonic() + SIGNAL_WAIT_SECONDS
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            log.is_file() and any(json.loads(line)["step"] >= 2 for line in log.read_text().splitlines())):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still training when the signal lands
 
 
 def _interruptible() -> None:
@@ -198,20 +213,12 @@ def _interruptible() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_ends_training_after_its_step_with_a_checkpoint(trained, signum):
     root, _, run, common = trained
-    target = root / f"signalled-{signum}"
-    (target / "vae").mkdir(parents=True)
-    for f in (run / "vae").iterdir():
-        (target / "vae" / f.name).write_bytes(f.read_bytes())
+    target = _with_vae(run, root / f"signalled-{signum}")
     flags = [f for f in common if f not in ("--forced-wer-every", "4")]  # no Whisper in the child
     proc = subprocess.Popen([sys.executable, "-m", "ditarkit.training.train", "ditar", *flags, "--run", str(target),
                              "--minutes", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_interruptible)
-    log = target / "ditar" / LOG_FILE
-    deadline = time.monotonic() + SIGNAL_WAIT_SECONDS
-    while proc.poll() is None and time.monotonic() < deadline and not (
-            log.is_file() and any(json.loads(line)["step"] >= 2 for line in log.read_text().splitlines())):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still training when the signal lands
+    _wait_for_step_two(proc, target / "ditar" / LOG_FILE)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=SIGNAL_WAIT_SECONDS)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
@@ -282,3 +289,54 @@ def test_a_lexicon_alignment_shares_a_word_s_span_among_its_phonemes():
     units = item.in_units(model_frontend(lexicon_text())).chars
     # HH AH0 L OW1 share "hello"'s 50 samples evenly, in order, as its letters did; " ", q, x as they were
     assert units.tolist() == [[0, 12], [12, 25], [25, 38], [38, 50], [50, 60], [60, 70], [70, 80]]
+
+
+def test_two_workers_resume_exactly_and_part_the_batch(trained):
+    root, _, run, common = trained
+    straight, stopped = _with_vae(run, root / "pair-straight"), _with_vae(run, root / "pair-stopped")
+    pair = [*common, "--workers", "2"]  # --batch 2: one utterance each
+    main(["ditar", *pair, "--run", str(straight), "--steps", "4"])
+    main(["ditar", *pair, "--run", str(stopped), "--steps", "2"])
+    main(["ditar", *pair, "--run", str(stopped), "--steps", "4"])
+    state = torch.load(stopped / "ditar" / STATE_FILE, weights_only=True)
+    assert state["step"] == 4 and len(state["workers"]) == 1  # the follower's streams travel with the lead's
+    assert not torch.equal(state["torch_rng"], state["workers"][0]["torch_rng"])  # each draws its own noise
+    a, b = load_checkpoint(straight / "ditar").state_dict(), load_checkpoint(stopped / "ditar").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    single = load_checkpoint(root / "straight" / "ditar").state_dict()  # one process, the whole batch
+    assert any(not torch.equal(a[k], single[k]) for k in a if not k.startswith("vae."))
+    rows = [json.loads(line) for line in (straight / "ditar" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows if "gap_swapped_text_pct" in r] == [0, 2, 4]  # the lead alone logs
+    assert (straight / "ditar" / "worker-1.log").is_file()
+
+
+def test_the_vae_stage_refuses_workers(tmp_path):
+    with pytest.raises(SystemExit, match="--workers is for the DiTAR stage; the vae stage runs in one process"):
+        main(["vae", "--run", str(tmp_path), "--workers", "2"])
+
+
+def test_a_run_that_changes_its_worker_count_goes_on_with_new_streams(trained, capsys):
+    root, _, run, common = trained
+    target = _with_vae(run, root / "one-then-two")
+    main(["ditar", *common, "--run", str(target), "--steps", "2"])
+    main(["ditar", *common, "--workers", "2", "--run", str(target), "--steps", "4"])
+    assert "holds the random streams of 1 workers, this run has 2" in capsys.readouterr().err
+    assert len(torch.load(target / "ditar" / STATE_FILE, weights_only=True)["workers"]) == 1
+    main(["ditar", *common, "--run", str(target), "--steps", "5"])  # and back to one
+    assert torch.load(target / "ditar" / STATE_FILE, weights_only=True)["step"] == 5
+
+
+def test_a_stop_signal_to_the_lead_ends_every_worker_after_the_same_step(trained):
+    root, _, run, common = trained
+    target = _with_vae(run, root / "pair-signalled")
+    flags = [f for f in common if f not in ("--forced-wer-every", "4")]
+    proc = subprocess.Popen([sys.executable, "-m", "ditarkit.training.train", "ditar", *flags, "--workers", "2",
+                             "--run", str(target), "--minutes", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_step_two(proc, target / "ditar" / LOG_FILE)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=SIGNAL_WAIT_SECONDS)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    state = torch.load(target / "ditar" / STATE_FILE, weights_only=True)
+    assert f"saved at step {state['step']}" in stderr and len(state["workers"]) == 1
+    assert "Traceback" not in (target / "ditar" / "worker-1.log").read_text()

@@ -349,12 +349,17 @@ def train_step(
     loss_fn: Callable[..., dict[str, Tensor]],
     *args,
     max_grad_norm: float = 1.0,
+    gradient_hook: Callable[[], None] | None = None,
     **kwargs,
 ) -> dict[str, float]:
-    """One optimisation step of any of the losses above; returns the loss terms as floats."""
+    """One optimisation step of any of the losses above; returns the loss terms as floats.
+    `gradient_hook` runs between backward and clipping (data-parallel workers average their
+    gradients there)."""
     losses = loss_fn(*args, **kwargs)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
+    if gradient_hook is not None:
+        gradient_hook()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()

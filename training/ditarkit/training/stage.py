@@ -1,10 +1,13 @@
 """The loop every training stage shares: a time or step budget, checkpoints every few minutes
 and on exit (also on Ctrl-C or SIGTERM), exact resume (optimizer, moving average, torch's and
-the batch sampler's random states), the log and the curve."""
+the batch sampler's random states, each worker's own), the log and the curve. With several
+data-parallel workers (`parallel.py`) every worker runs this loop in step with the others and
+only the lead logs, evaluates and writes."""
 
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from collections import defaultdict
@@ -19,6 +22,7 @@ from ditarkit.runtime.fileio import atomic_write
 from ditarkit.training.curve import plot_curve
 from ditarkit.training.data import log
 from ditarkit.training.ema import averaged
+from ditarkit.training.parallel import ALONE, Workers
 
 STATE_FILE = "trainer.pt"  # optimizer, step and random states, beside the model checkpoint of a stage
 LOG_FILE = "log.jsonl"
@@ -30,20 +34,26 @@ class Stage:
     """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
     (anything with state()/restore()) has its random state saved and restored with the
     optimizer's and torch's. With `ema`, the checkpoint's weights are the moving average
-    (`sampling_model`) and the raw weights travel in the trainer state."""
+    (`sampling_model`) and the raw weights travel in the trainer state. `workers` are the
+    data-parallel processes this one is part of; `seed` starts the random streams of a worker
+    the saved state has none for."""
 
     def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
-                 sampler=None, ema: float = 0.0) -> None:
+                 sampler=None, ema: float = 0.0, workers: Workers = ALONE, seed: int = 0) -> None:
         self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
+        self.workers, self.seed = workers, seed
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.params = list(params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
         self.average = averaged(model, ema) if ema else None
         self.lr, self.warmup, self.step = lr, warmup, 0
         self.resumed = False
         state = self.dir / STATE_FILE
         if state.is_file():
             self._restore(torch.load(state, map_location="cpu", weights_only=True))
-            log(f"{name}: resumed at step {self.step}")
+            self._log(f"{name}: resumed at step {self.step}")
+        elif not workers.lead:  # a new run: each follower draws its own batches and noise
+            self._restore_streams(new_streams(seed, workers.rank))
         self.stop_requested: str | bool = False  # or the name of the signal that asked
         self._handlers: dict[int, object] = {}  # signal -> the handler it had before the run
 
@@ -55,15 +65,34 @@ class Stage:
         if self.average is not None and "average" in saved:
             self.average.load_state_dict(saved["average"])
         elif self.average is not None:
-            log(f"{self.name}: the state has no moving average: it starts from the checkpoint's weights")
+            self._log(f"{self.name}: the state has no moving average: it starts from the checkpoint's weights")
         elif "average" in saved:
-            log(f"{self.name}: the moving average in the state is dropped (no --ema): training the raw weights")
-        if "torch_rng" in saved:
+            self._log(f"{self.name}: the moving average in the state is dropped (no --ema): training the raw weights")
+        streams = [saved, *saved.get("workers", [])]  # the lead's at the top level, as with one worker
+        if len(streams) != self.workers.size:
+            self._log(f"{self.name}: the state holds the random streams of {len(streams)} workers, this run has "
+                      f"{self.workers.size}: workers without one start new streams, extra ones are dropped")
+        if self.workers.rank < len(streams):
+            self._restore_streams(streams[self.workers.rank])
+        else:  # new, and unlike any earlier run's: the step is part of the seed
+            self._restore_streams(new_streams(self.seed, self.workers.rank, self.step))
+
+    def _restore_streams(self, saved: dict) -> None:
+        if saved.get("torch_rng") is not None:
             torch.set_rng_state(saved["torch_rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         if self.sampler is not None and saved.get("sampler_rng") is not None:
             self.sampler.restore(_tuples(saved["sampler_rng"]))
+
+    def _streams(self) -> dict:
+        return {"torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "sampler_rng": None if self.sampler is None else self.sampler.state()}
+
+    def _log(self, message: str) -> None:
+        if self.workers.lead:
+            log(message)
 
     def _request_stop(self, signum: int, _frame) -> None:
         """The first Ctrl-C or SIGTERM ends the run after this step, with a checkpoint; the
@@ -102,13 +131,22 @@ class Stage:
         return self.model if self.average is None else self.average.module
 
     def save(self) -> None:
+        """Checkpoint and trainer state; with several workers every one calls it at the same
+        step (their random streams are gathered) and the lead writes."""
+        streams = self.workers.gather(self._streams())
+        if not self.workers.lead:
+            return
         save_checkpoint(self.sampling_model, self.dir)
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "sampler_rng": None if self.sampler is None else self.sampler.state()}
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, **streams[0]}
+        if len(streams) > 1:
+            state["workers"] = streams[1:]
         if self.average is not None:
             state.update(model=self.model.state_dict(), average=self.average.state_dict())
         atomic_write(self.dir / STATE_FILE, lambda p: torch.save(state, p))
+
+    def average_gradients(self) -> None:
+        """The hook between backward and the optimizer step: the workers' mean gradient."""
+        self.workers.average_gradients(self.params)
 
     def record(self, row: dict) -> None:
         with (self.dir / LOG_FILE).open("a") as fh:
@@ -117,7 +155,7 @@ class Stage:
     def run(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
             every: float = 300.0, log_every: int = 50, evaluate: Callable[[], dict] | None = None,
             evaluate_every: int = 0) -> None:
-        if evaluate and evaluate_every and not self.resumed:
+        if evaluate and evaluate_every and not self.resumed and self.workers.lead:
             self._evaluate(evaluate)  # the starting point of the curve
         self._catch_signals()
         try:
@@ -125,9 +163,9 @@ class Stage:
         finally:
             self._release_signals()
         if self.stop_requested:
-            log(f"{self.name}: {self.stop_requested}: stopped after step {self.step}, with a checkpoint")
+            self._log(f"{self.name}: {self.stop_requested}: stopped after step {self.step}, with a checkpoint")
         self.save()
-        log(f"{self.name}: saved at step {self.step} in {self.dir}")
+        self._log(f"{self.name}: saved at step {self.step} in {self.dir}")
 
     def _loop(self, step_fn: Callable[[], dict[str, float]], minutes: float, max_steps: int | None,
               every: float, log_every: int, evaluate: Callable[[], dict] | None, evaluate_every: int) -> None:
@@ -135,17 +173,22 @@ class Stage:
         first_step = self.step
         totals: dict[str, float] = defaultdict(float)
         summed = 0
-        while not self.stop_requested:
-            if time.time() - start > minutes * 60 or (max_steps and self.step >= max_steps):
+        while True:
+            stop, out_of_time = self.workers.any(bool(self.stop_requested), time.time() - start > minutes * 60)
+            if stop and not self.stop_requested:
+                self.stop_requested = "the lead's stop"
+            if stop or out_of_time or (max_steps and self.step >= max_steps):
                 break
             self.set_lr()
-            for key, value in step_fn().items():
-                totals[key] += value
+            figures = self.workers.mean(step_fn())
+            if self.workers.lead:
+                for key, value in figures.items():
+                    totals[key] += value
             if self.average is not None:
                 self.average.update_parameters(self.model)
             self.step += 1
             summed += 1
-            if self.step % log_every == 0:
+            if self.step % log_every == 0 and self.workers.lead:
                 means = {k: v / summed for k, v in totals.items()}
                 totals.clear()
                 summed = 0
@@ -153,9 +196,9 @@ class Stage:
                 log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     + f" ({rate:.2f} steps/s)")
                 self.record(means)
-            if evaluate and evaluate_every and self.step % evaluate_every == 0:
+            if evaluate and evaluate_every and self.step % evaluate_every == 0 and self.workers.lead:
                 self._evaluate(evaluate)
-            if time.time() - last_save > every:
+            if self.workers.any(time.time() - last_save > every)[0]:
                 self.save()
                 last_save = time.time()
 
@@ -165,6 +208,14 @@ class Stage:
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         self.record(row)
         plot_curve(self.dir / LOG_FILE, self.dir / CURVE_FILE, f"{self.name}: {self.dir}")
+
+
+def new_streams(seed: int, rank: int, step: int = 0) -> dict:
+    """Random streams of worker `rank` starting at `step`: torch's and the batch sampler's
+    (rank 0 at step 0 is the single-process run's `seed`)."""
+    mixed = seed + 1_000_003 * rank + 7_919 * step
+    return {"torch_rng": torch.Generator().manual_seed(mixed).get_state(),
+            "sampler_rng": random.Random(mixed).getstate()}
 
 
 def _tuples(value):

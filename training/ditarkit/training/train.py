@@ -42,6 +42,7 @@ from ditarkit.runtime.text import TextFrontend, model_frontend
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
 from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
+from ditarkit.training.parallel import ALONE, Workers, launch
 from ditarkit.training.scoring import Transcriber
 from ditarkit.training.stage import Stage
 from ditarkit.training.text_tables import carry_text_tables
@@ -240,7 +241,7 @@ def _text_config(frontend: str | None, preset_text: TextConfig, init_from: Path 
     return lexicon_text(preset_text) if frontend == "lexicon" else preset_text
 
 
-def train_ditar(args) -> None:
+def train_ditar(args, workers: Workers = ALONE) -> None:
     resuming = (args.run / "ditar" / WEIGHTS_FILE).is_file()
     if not resuming and not (args.run / "vae" / WEIGHTS_FILE).is_file() and not (args.init_from or args.vae_from):
         raise SystemExit("error: train the VAE first (python -m ditarkit.training.train vae ...), "
@@ -258,20 +259,27 @@ def train_ditar(args) -> None:
     probe = read_manifest(args.corpus, "probe.jsonl") if (args.corpus / "probe.jsonl").is_file() else []
     aligned = _aligned if args.aligned_heads or model.config.cursor else _per_unit
     corpus, probe = aligned(corpus, frontend), aligned(probe, frontend)
-    latents = encode_corpus(model, corpus + probe, args.run, args.device)
-    batches = DiTARBatches(corpus, latents, model.config, args.batch, args.seed, args.max_target_seconds, (2.0, 5.0))
+    with workers.lead_first():  # the lead fills the latents' cache, the others read it
+        latents = encode_corpus(model, corpus + probe, args.run, args.device)
+    batches = DiTARBatches(corpus, latents, model.config, args.batch // workers.size, args.seed,
+                           args.max_target_seconds, (2.0, 5.0))
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
                           alignment_weight=args.alignment_weight, history_noise=args.history_noise,
                           lm_input_noise=args.lm_input_noise, advance_weight=args.advance_weight,
                           drawn_inputs=args.drawn_inputs, drawn_nfe=args.drawn_nfe)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
-    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema)
+    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema,
+                  workers, args.seed)
     if not stage.resumed and fresh:
-        log("ditar: initial scales " + json.dumps(balance_scales(model, batches(args.device), fresh)))
+        scales = balance_scales(model, batches(args.device), fresh)
+        if workers.lead:
+            log("ditar: initial scales " + json.dumps(scales))
+    workers.share_weights(model)  # the lead's balanced scales, on every worker
+    if not stage.resumed and fresh:
         stage.restart_average()
     evaluate = None
-    if probe:
+    if probe and workers.lead:
         probe_batch = build_probe(probe, batches, args.device)
         log("ditar: a fixed-pace reader on the probe: " + json.dumps(
             clock_baseline(batches.items, probe_batch, batches.patch_samples)))
@@ -289,19 +297,24 @@ def train_ditar(args) -> None:
                 transcriber = transcriber or Transcriber()
                 row.update(probe_wer(stage.sampling_model, probe_batch, forced_rows, transcriber))
             if args.wer_every and stage.step % args.wer_every == 0 and stage.step:
-                stage.save()
+                save_checkpoint(stage.sampling_model, stage.dir)  # what the export reads
                 row.update(free_running_wer(stage.dir, args.corpus, args.wer_sentences))
             return row
-    log(f"ditar: {len(batches.items)} training utterances, {len(probe)} probe, loss options {options}")
     model.train()
     model.vae.eval()
     precision = training_precision(args.precision, args.device)
-    kept = " (autocast; weights, optimizer and losses stay fp32)" if precision != "fp32" else ""
-    log(f"ditar: {precision} matmuls{kept}")
+    if workers.lead:
+        log(f"ditar: {len(batches.items)} training utterances, {len(probe)} probe, loss options {options}")
+        kept = " (autocast; weights, optimizer and losses stay fp32)" if precision != "fp32" else ""
+        log(f"ditar: {precision} matmuls{kept}")
+        if workers.size > 1:
+            log(f"ditar: {workers.size} data-parallel workers of {batches.batch} utterances each "
+                f"(followers log to {args.run / 'ditar'}/worker-N.log)")
 
     def step() -> dict[str, float]:
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options)
+            return train_step(stage.optimizer, ditar_loss, model, batches(args.device), options=options,
+                              gradient_hook=stage.average_gradients)
 
     stage.run(step, args.minutes, args.steps, evaluate=evaluate, evaluate_every=args.metrics_every)
 
@@ -321,6 +334,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         if every and (not args.metrics_every or every % args.metrics_every):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"error: {flag} {every} is not a multiple of --metrics-every {args.metrics_every}")
+    if args.workers < 1 or args.batch % args.workers:
+        raise SystemExit(f"error: --workers {args.workers} does not divide --batch {args.batch} into equal shares")
+    if args.workers > 1 and args.stage != "ditar":
+        raise SystemExit(f"error: --workers is for the DiTAR stage; the {args.stage} stage runs in one process")
 
 
 def training_precision(choice: str, device: str) -> str:
@@ -398,19 +415,34 @@ def main(argv: list[str] | None = None) -> None:
                         "shipped default voice), instead of the VAE stage's")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="DiTAR stage matmuls: auto = bf16 autocast where the CPU or GPU has native bf16")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each worker")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="DiTAR stage: data-parallel processes on this machine, each with --batch/N utterances "
+                        "and its own random streams, averaging gradients every step (one per core: a step of the "
+                        "small presets is bound by per-operation overhead, so one process leaves a second core idle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="ship: checkpoint folder (default: the embedded default voice)")
     parser.add_argument("--init-from", type=Path, help="a checkpoint to start a stage from when it has none of its own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     check_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     if args.lr is None:
         args.lr = {"vae": 1e-3, "ditar": 5e-4}.get(args.stage, 0.0)
-    {"vae": train_vae, "ditar": train_ditar, "ship": ship}[args.stage](args)
+    if args.workers > 1:
+        launch(_worker, args, args.workers, args.run / "ditar")
+    else:
+        _worker(args, ALONE)
+
+
+def _worker(args: argparse.Namespace, workers: Workers) -> None:
+    """One process of a stage (of the DiTAR stage's workers, each runs this)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the same initial weights everywhere; the streams part in Stage
+    if args.stage == "ditar":
+        train_ditar(args, workers)
+    else:
+        {"vae": train_vae, "ship": ship}[args.stage](args)
 
 
 if __name__ == "__main__":
