@@ -340,3 +340,24 @@ def test_a_stop_signal_to_the_lead_ends_every_worker_after_the_same_step(trained
     state = torch.load(target / "ditar" / STATE_FILE, weights_only=True)
     assert f"saved at step {state['step']}" in stderr and len(state["workers"]) == 1
     assert "Traceback" not in (target / "ditar" / "worker-1.log").read_text()
+
+
+def test_a_deeper_locdit_grows_from_a_shallower_one_as_the_same_function(trained, capsys):
+    root, _, _, common = trained
+    source = load_checkpoint(root / "straight" / "ditar").eval()
+    deeper = dataclasses.replace(source.config, locdit=dataclasses.replace(source.config.locdit, layers=3))
+    model = train.DiTAR(deeper).eval()
+    taken = train.take_weights(model, source, "the tiny run")
+    grown = "blocks the tiny run does not have start as identities: locdit.transformer.blocks.2"
+    assert grown in capsys.readouterr().err
+    assert not any(k.startswith("locdit.transformer.blocks.2.") for k in taken)
+    g = torch.Generator().manual_seed(0)
+    p, c, d = source.config.patch_size, source.config.audio.latent_dim, source.config.lm.dim
+    x, t = torch.randn(2, p, c, generator=g), torch.rand(2, generator=g)
+    cond, history = torch.randn(2, d, generator=g), torch.randn(2, source.config.history_frames, c, generator=g)
+    with torch.no_grad():
+        assert torch.equal(model.locdit(x, t, cond, history), source.locdit(x, t, cond, history))
+    run = root / "grown"
+    main(["ditar", *common, "--run", str(run), "--init-from", str(root / "straight" / "ditar"),
+          "--locdit-layers", "3", "--steps", "1", "--metrics-every", "0", "--forced-wer-every", "0"])
+    assert load_checkpoint(run / "ditar").config.locdit.layers == 3

@@ -35,7 +35,7 @@ import torch
 
 from ditarkit.reference.checkpoint import WEIGHTS_FILE, load_checkpoint, load_config, save_checkpoint
 from ditarkit.reference.losses import LossOptions, ditar_loss, train_step, vae_loss
-from ditarkit.reference.model import DiTAR
+from ditarkit.reference.model import DiTAR, Transformer
 from ditarkit.runtime.config import DiTARConfig, TextConfig, lexicon_text, preset
 from ditarkit.runtime.machine import cpu_flags
 from ditarkit.runtime.text import TextFrontend, model_frontend
@@ -79,7 +79,8 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
 def take_weights(model: DiTAR, source: DiTAR, name: str) -> set[str]:
     """Copy every tensor of `source` into `model` (all must exist there with the same shape,
     but for the text tables of another frontend, carried over by unit); returns the parameter
-    names copied."""
+    names copied. Where `model`'s stack has more blocks than the source's, the extra ones
+    start as identities (`grown_blocks`), so the grown model begins as the one it grows from."""
     target, weights = model.state_dict(), source.state_dict()
     if source.config.text != model.config.text:  # another frontend: its tables, row by row
         weights.update(carry_text_tables(model, source))
@@ -90,7 +91,30 @@ def take_weights(model: DiTAR, source: DiTAR, name: str) -> set[str]:
         raise SystemExit(f"error: {name} does not fit the {model.config.name} preset: "
                          f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
     model.load_state_dict(weights, strict=False)
+    grown = grown_blocks(model, set(weights))
+    if grown:
+        log(f"blocks {name} does not have start as identities: {', '.join(grown)}")
     return set(weights)
+
+
+@torch.no_grad()
+def grown_blocks(model: DiTAR, taken: set[str]) -> list[str]:
+    """Blocks of a transformer stack that took no weight while others of the same stack did:
+    their attention and MLP outputs are zeroed, so each adds nothing to the residual stream
+    until training moves it. Returns their names."""
+    grown = []
+    for stack_name, stack in model.named_modules():
+        if not isinstance(stack, Transformer):
+            continue
+        names = [f"{stack_name}.blocks.{i}." for i in range(len(stack.blocks))]
+        if not any(k.startswith(n) for n in names for k in taken):
+            continue  # a stack new as a whole keeps its own initialisation
+        for block, prefix in zip(stack.blocks, names):
+            if not any(k.startswith(prefix) for k in taken):
+                block.attn.o.weight.zero_()
+                block.mlp.down.weight.zero_()
+                grown.append(prefix.rstrip("."))
+    return grown
 
 
 # --------------------------------------------------------------------------------------
@@ -249,6 +273,8 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
     config = preset(args.preset)
     if args.isolated_history is not None:
         config = dataclasses.replace(config, isolated_history=args.isolated_history == "on")
+    if args.locdit_layers is not None:
+        config = dataclasses.replace(config, locdit=dataclasses.replace(config.locdit, layers=args.locdit_layers))
     config = dataclasses.replace(config, text=_text_config(args.frontend, config.text, args.init_from))
     model, fresh = _model_for(args.run, "ditar", config, args.device, args.init_from, args.vae_from)
     if args.frontend and model.config.text.frontend != args.frontend:
@@ -334,6 +360,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         if every and (not args.metrics_every or every % args.metrics_every):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"error: {flag} {every} is not a multiple of --metrics-every {args.metrics_every}")
+    if args.locdit_layers is not None and args.locdit_layers < 1:
+        raise SystemExit(f"error: --locdit-layers {args.locdit_layers} is not a layer count (1 or more)")
     if args.workers < 1 or args.batch % args.workers:
         raise SystemExit(f"error: --workers {args.workers} does not divide --batch {args.batch} into equal shares")
     if args.workers > 1 and args.stage != "ditar":
@@ -407,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
                         "the probe's at rate 1.0 for the teacher-forced one")
     parser.add_argument("--isolated-history", choices=["on", "off"],
                         help="a new model's LocDiT history attention (default: the preset's)")
+    parser.add_argument("--locdit-layers", type=int,
+                        help="a new model's LocDiT depth (default: the preset's); --init-from a shallower LocDiT "
+                        "takes its blocks, and the extra ones start as identities")
     parser.add_argument("--frontend", choices=["chars", "lexicon"],
                         help="a new model's text frontend: characters, or words as phonemes from the packaged "
                         "lexicon (CMUdict; letters for words it lacks); default: --init-from's, else characters. "
