@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
+from ditarkit.training import parallel
 from ditarkit.training.parallel import launch
+
+JOIN_WAIT_SECONDS = 5  # the lead's wait for a follower that will never join; it failed at once
 
 
 def _gradients(args, workers) -> None:
@@ -45,3 +48,24 @@ def test_a_failed_follower_ends_the_run_with_one_line_naming_its_log(tmp_path):
     with pytest.raises(SystemExit, match=r"training worker 1 failed \(see .*worker-1.log\)"):
         launch(_fail_on_follower, argparse.Namespace(), 2, tmp_path)
     assert "the follower breaks" in (tmp_path / "worker-1.log").read_text()
+
+
+def _refuse_to_unpickle():
+    raise ValueError("this follower cannot start")
+
+
+class StartsNowhere:
+    """Arguments a spawned follower fails on before it can join the group."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def _join_only(args, workers) -> None:
+    raise AssertionError("the lead must not get past joining")
+
+
+def test_a_follower_that_dies_before_joining_ends_the_run_instead_of_hanging_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "JOIN_SECONDS", JOIN_WAIT_SECONDS)
+    with pytest.raises(SystemExit, match=r"training worker 1 failed"):
+        launch(_join_only, StartsNowhere(), 2, tmp_path)

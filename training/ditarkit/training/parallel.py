@@ -17,9 +17,11 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ import torch.distributed as dist
 # The lead evaluates (export, Whisper) while the others wait at their next step's collective.
 WAIT_FOR_LEAD = datetime.timedelta(hours=3)
 FOLLOWER_EXIT_SECONDS = 10.0  # a failed follower's interpreter winds down after its socket has closed
+JOIN_SECONDS = 300  # each follower starts a fresh interpreter and imports torch: slow on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,10 @@ class Workers:
         """The workers' mean of each logged figure (their shares of one batch)."""
         if self.size == 1:
             return values
-        keys = list(values)  # every worker's loss returns its terms in the same order
+        keys = list(values)
+        every = self.gather(keys)
+        if every != [keys] * self.size:  # a term some shares lack would mix the figures
+            raise ValueError(f"the workers' loss terms differ: {every}")
         summed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(summed)
         return {k: v / self.size for k, v in zip(keys, summed.tolist())}
@@ -75,7 +81,7 @@ class Workers:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in held.tolist())
 
-    def gather(self, value) -> list:
+    def gather(self, value: Any) -> list:
         """Every worker's `value`, in rank order (on every worker)."""
         if self.size == 1:
             return [value]
@@ -109,7 +115,7 @@ def log_file(run_stage: Path, rank: int) -> Path:
     return run_stage / f"worker-{rank}.log"
 
 
-def launch(work: Callable[[object, Workers], None], args, size: int, run_stage: Path) -> None:
+def launch(work: Callable[[Any, Workers], None], args: Any, size: int, run_stage: Path) -> None:
     """Run `work(args, workers)` in `size` processes: this one is the lead, the others are
     started fresh (spawn) and write their messages to `log_file`. A follower that fails ends
     the run with one line naming its log."""
@@ -123,30 +129,50 @@ def launch(work: Callable[[object, Workers], None], args, size: int, run_stage: 
     try:
         _join_group(0, size, port)
         work(args, Workers(0, size))
-    except RuntimeError as failure:  # a follower went away mid-collective (gloo's errors are these)
-        for process in followers:
-            process.join(FOLLOWER_EXIT_SECONDS)  # its socket closes a moment before it has exited
-        broken = [rank for rank, p in enumerate(followers, 1) if p.exitcode]
+    except RuntimeError as failure:  # a follower went away before joining or mid-collective
+        broken = _failed(followers, FOLLOWER_EXIT_SECONDS)  # its socket closes a moment before it exits
         if not broken:
             raise
+        first_line = (str(failure).splitlines() or [type(failure).__name__])[0][:200]
         raise SystemExit(f"error: training worker {broken[0]} failed (see {log_file(run_stage, broken[0])}): "
-                         f"{str(failure).splitlines()[0][:200]}") from None
+                         f"{first_line}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    for rank, process in enumerate(followers, 1):
-        process.join()
-        if process.exitcode:
-            raise SystemExit(f"error: training worker {rank} failed (see {log_file(run_stage, rank)})")
+        _end(followers)
+    broken = _failed(followers, 0.0)
+    if broken:
+        raise SystemExit(f"error: training worker {broken[0]} failed (see {log_file(run_stage, broken[0])})")
 
 
-def _follow(work: Callable[[object, Workers], None], args, rank: int, size: int, port: int,
+def _failed(followers: list, wait_seconds: float) -> list[int]:
+    """The ranks of the followers that have exited with an error, after up to `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    for process in followers:
+        process.join(max(0.0, deadline - time.monotonic()))
+    return [rank for rank, process in enumerate(followers, 1) if process.exitcode]
+
+
+def _end(followers: list) -> None:
+    """Followers still running once the lead is done are killed: they ignore SIGTERM (the
+    lead stops them through the group), and one blocked in a collective would never return."""
+    for process in followers:
+        process.join(FOLLOWER_EXIT_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _follow(work: Callable[[Any, Workers], None], args: Any, rank: int, size: int, port: int,
             run_stage: Path) -> None:
     # the lead decides when to stop and tells the others; a Ctrl-C reaching the whole
     # process group must not break a follower out of a collective
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    sys.stderr = sys.stdout = open(log_file(run_stage, rank), "a", buffering=1)  # noqa: SIM115 (the process's)
+    messages = open(log_file(run_stage, rank), "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+    for fd in (1, 2):  # what torch's C++ side and gloo print, too
+        os.dup2(messages.fileno(), fd)
+    sys.stderr = sys.stdout = messages
     _join_group(rank, size, port)
     try:
         work(args, Workers(rank, size))
@@ -155,11 +181,16 @@ def _follow(work: Callable[[object, Workers], None], args, rank: int, size: int,
 
 
 def _join_group(rank: int, size: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=WAIT_FOR_LEAD)
+    """Join the group through the lead's store: the lead waits `JOIN_SECONDS` at most for
+    every follower, so one that dies before joining ends the run instead of hanging it."""
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=True,
+                          timeout=datetime.timedelta(seconds=JOIN_SECONDS))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=WAIT_FOR_LEAD)
 
 
 def _free_port() -> int:
+    """A port free now (another program could take it before the lead binds it: then the
+    run fails at once with the store's error, and a new start picks another)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -11,8 +11,9 @@ import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,8 +39,9 @@ class Stage:
     data-parallel processes this one is part of; `seed` starts the random streams of a worker
     the saved state has none for."""
 
-    def __init__(self, name: str, run: Path, model: DiTAR, params, lr: float, warmup: int, device: str,
-                 sampler=None, ema: float = 0.0, workers: Workers = ALONE, seed: int = 0) -> None:
+    def __init__(self, name: str, run: Path, model: DiTAR, params: Iterable[torch.nn.Parameter], lr: float,
+                 warmup: int, device: str, sampler: Any = None, ema: float = 0.0, workers: Workers = ALONE,
+                 seed: int = 0) -> None:
         self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
         self.workers, self.seed = workers, seed
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -174,9 +176,9 @@ class Stage:
         totals: dict[str, float] = defaultdict(float)
         summed = 0
         while True:
-            stop, out_of_time = self.workers.any(bool(self.stop_requested), time.time() - start > minutes * 60)
-            if stop and not self.stop_requested:
-                self.stop_requested = "the lead's stop"
+            # the lead's clock decides: the others started theirs while it evaluated step 0
+            stop, out_of_time = self.workers.any(bool(self.stop_requested),
+                                                 self.workers.lead and time.time() - start > minutes * 60)
             if stop or out_of_time or (max_steps and self.step >= max_steps):
                 break
             self.set_lr()
@@ -198,7 +200,7 @@ class Stage:
                 self.record(means)
             if evaluate and evaluate_every and self.step % evaluate_every == 0 and self.workers.lead:
                 self._evaluate(evaluate)
-            if self.workers.any(time.time() - last_save > every)[0]:
+            if self.workers.any(self.workers.lead and time.time() - last_save > every)[0]:
                 self.save()
                 last_save = time.time()
 
@@ -211,8 +213,8 @@ class Stage:
 
 
 def new_streams(seed: int, rank: int, step: int = 0) -> dict:
-    """Random streams of worker `rank` starting at `step`: torch's and the batch sampler's
-    (rank 0 at step 0 is the single-process run's `seed`)."""
+    """Random streams of worker `rank` starting at `step`, torch's and the batch sampler's: for
+    a follower of a new run, or one the saved state has no streams for."""
     mixed = seed + 1_000_003 * rank + 7_919 * step
     return {"torch_rng": torch.Generator().manual_seed(mixed).get_state(),
             "sampler_rng": random.Random(mixed).getstate()}

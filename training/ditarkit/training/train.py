@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -42,10 +43,12 @@ from ditarkit.runtime.text import TextFrontend, model_frontend
 from ditarkit.training.data import AudioCache, DiTARBatches, Utterance, encode_corpus, log, read_manifest
 from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
-from ditarkit.training.parallel import ALONE, Workers, launch
+from ditarkit.training.parallel import ALONE, Workers, launch, log_file
 from ditarkit.training.scoring import Transcriber
 from ditarkit.training.stage import Stage
 from ditarkit.training.text_tables import carry_text_tables
+
+EVALUATED = "evaluated"  # the DiTAR stage's folder of the weights its free-running WER was measured on
 
 
 def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_from: Path | None = None,
@@ -53,7 +56,8 @@ def _model_for(run: Path, stage: str, config: DiTARConfig, device: str, init_fro
     """The model, and the names of its parameters that start new. Resume from the stage's own
     checkpoint if it exists; else build the preset's model and take from `init_from` (a whole
     checkpoint, such as the shipped default voice or an earlier trial) every weight it has:
-    parts the preset adds (a text cursor) start new, a size that differs is an error. A new
+    parts the preset adds (a text cursor, blocks of a deeper stack) start new, a width that
+    differs is an error. A new
     DiTAR stage otherwise takes only the VAE (weights and latent statistics) from `vae_from` or
     the VAE stage, so the preset, not the VAE run, decides the sizes of the LM and LocDiT."""
     own = run / stage
@@ -323,8 +327,9 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
                 transcriber = transcriber or Transcriber()
                 row.update(probe_wer(stage.sampling_model, probe_batch, forced_rows, transcriber))
             if args.wer_every and stage.step % args.wer_every == 0 and stage.step:
-                save_checkpoint(stage.sampling_model, stage.dir)  # what the export reads
-                row.update(free_running_wer(stage.dir, args.corpus, args.wer_sentences))
+                # a folder of its own: the stage's checkpoint stays paired with its trainer state
+                save_checkpoint(stage.sampling_model, stage.dir / EVALUATED)
+                row.update(free_running_wer(stage.dir / EVALUATED, args.corpus, args.wer_sentences))
             return row
     model.train()
     model.vae.eval()
@@ -334,8 +339,9 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
         kept = " (autocast; weights, optimizer and losses stay fp32)" if precision != "fp32" else ""
         log(f"ditar: {precision} matmuls{kept}")
         if workers.size > 1:
+            logs = ", ".join(str(log_file(stage.dir, rank)) for rank in range(1, workers.size))
             log(f"ditar: {workers.size} data-parallel workers of {batches.batch} utterances each "
-                f"(followers log to {args.run / 'ditar'}/worker-N.log)")
+                f"(the followers log to {logs})")
 
     def step() -> dict[str, float]:
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -366,6 +372,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --workers {args.workers} does not divide --batch {args.batch} into equal shares")
     if args.workers > 1 and args.stage != "ditar":
         raise SystemExit(f"error: --workers is for the DiTAR stage; the {args.stage} stage runs in one process")
+    if args.workers > 1 and torch.device(args.device).type != "cpu":
+        raise SystemExit(f"error: --workers is for a CPU's cores; on {args.device} train in one process")
 
 
 def training_precision(choice: str, device: str) -> str:
@@ -467,8 +475,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _worker(args: argparse.Namespace, workers: Workers) -> None:
     """One process of a stage (of the DiTAR stage's workers, each runs this)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (max(1, len(os.sched_getaffinity(0)) // workers.size) if workers.size > 1 else None)
+    if threads:  # workers share the cores: torch's default, every core each, would oversubscribe them
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)  # the same initial weights everywhere; the streams part in Stage
     if args.stage == "ditar":
         train_ditar(args, workers)
