@@ -23,7 +23,7 @@ from ditarkit.training import train
 from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
 from ditarkit.training.forced import forced_audio, forced_sentences, free_audio, probe_wer
 from ditarkit.training.metrics import build_probe
-from ditarkit.training.stage import CURVE_FILE, LOG_FILE, STATE_FILE
+from ditarkit.training.stage import CURVE_FILE, LOG_FILE, STATE_FILE, Schedule
 from ditarkit.training.train import main
 
 TEXTS = ["hello there", "a quick test of the recipe", "one more line", "and the last one"]
@@ -189,6 +189,8 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
     (["--metrics-every", "0", "--wer-every", "4"], "--wer-every 4 is not a multiple of --metrics-every 0"),
     (["--workers", "3", "--batch", "16"], "--workers 3 does not divide --batch 16 into equal shares"),
     (["--workers", "0"], "--workers 0 does not divide"),
+    (["--lr-final", "1.5"], "--lr-final 1.5 are not a schedule"),
+    (["--lr-decay-steps", "-1"], "--lr-decay-steps -1 and"),
 ])
 def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -361,3 +363,12 @@ def test_a_deeper_locdit_grows_from_a_shallower_one_as_the_same_function(trained
     main(["ditar", *common, "--run", str(run), "--init-from", str(root / "straight" / "ditar"),
           "--locdit-layers", "3", "--steps", "1", "--metrics-every", "0", "--forced-wer-every", "0"])
     assert load_checkpoint(run / "ditar").config.locdit.layers == 3
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_its_floor():
+    schedule = Schedule(1e-3, warmup=10, decay_steps=100, final=0.1)
+    assert schedule(0) == pytest.approx(1e-4) and schedule(9) == pytest.approx(1e-3)
+    assert schedule(59) == pytest.approx(0.55e-3)  # half-way down the cosine: the mean of peak and floor
+    assert schedule(109) == pytest.approx(1e-4) and schedule(5000) == pytest.approx(1e-4)
+    assert all(schedule(s) >= schedule(s + 1) for s in range(9, 200))
+    assert Schedule(1e-3, warmup=10)(5000) == 1e-3  # no decay asked: constant

@@ -7,11 +7,13 @@ only the lead logs, evaluates and writes."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,30 @@ CURVE_FILE = "curve.png"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # end a run after its step, with a checkpoint
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate at each step: a linear warm-up to `peak` over `warmup` steps, then,
+    with `decay_steps`, a cosine down to `peak * final` over that many steps, held there after.
+    A function of the step alone, so a resumed run continues it exactly."""
+
+    peak: float
+    warmup: int
+    decay_steps: int = 0
+    final: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup < 1 or self.decay_steps < 0 or not 0.0 <= self.final <= 1.0:
+            raise ValueError(f"not a learning-rate schedule: {self}")
+
+    def __call__(self, step: int) -> float:
+        if step + 1 < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if not self.decay_steps:
+            return self.peak
+        done = min(1.0, (step + 1 - self.warmup) / self.decay_steps)
+        return self.peak * (self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * done)))
+
+
 class Stage:
     """Runs `step()` until the budget is spent; checkpoints every `every` seconds. `sampler`
     (anything with state()/restore()) has its random state saved and restored with the
@@ -39,16 +65,16 @@ class Stage:
     data-parallel processes this one is part of; `seed` starts the random streams of a worker
     the saved state has none for."""
 
-    def __init__(self, name: str, run: Path, model: DiTAR, params: Iterable[torch.nn.Parameter], lr: float,
-                 warmup: int, device: str, sampler: Any = None, ema: float = 0.0, workers: Workers = ALONE,
+    def __init__(self, name: str, run: Path, model: DiTAR, params: Iterable[torch.nn.Parameter], lr: Schedule,
+                 device: str, sampler: Any = None, ema: float = 0.0, workers: Workers = ALONE,
                  seed: int = 0) -> None:
         self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
         self.workers, self.seed = workers, seed
         self.dir.mkdir(parents=True, exist_ok=True)
         self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr.peak, betas=(0.9, 0.98), weight_decay=0.01)
         self.average = averaged(model, ema) if ema else None
-        self.lr, self.warmup, self.step = lr, warmup, 0
+        self.lr, self.step = lr, 0
         self.resumed = False
         state = self.dir / STATE_FILE
         if state.is_file():
@@ -116,9 +142,8 @@ class Stage:
         self._handlers = {}
 
     def set_lr(self) -> None:
-        scale = min(1.0, (self.step + 1) / self.warmup)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * scale
+            group["lr"] = self.lr(self.step)
 
     def restart_average(self) -> None:
         """The average starts again at the weights as they are (after a change made to them

@@ -45,7 +45,7 @@ from ditarkit.training.forced import forced_sentences, probe_wer
 from ditarkit.training.metrics import alignment_metrics, build_probe, clock_baseline, probe_loss
 from ditarkit.training.parallel import ALONE, Workers, launch, log_file
 from ditarkit.training.scoring import Transcriber
-from ditarkit.training.stage import Stage
+from ditarkit.training.stage import Schedule, Stage
 from ditarkit.training.text_tables import carry_text_tables
 
 EVALUATED = "evaluated"  # the DiTAR stage's folder of the weights its free-running WER was measured on
@@ -142,7 +142,8 @@ def train_vae(args) -> None:
             clips.append(wav[offset : offset + crop])
         return torch.from_numpy(np.stack(clips)).to(args.device)
 
-    stage = Stage("vae", args.run, model, model.vae.parameters(), args.lr, 200, args.device, _RandomState(rng))
+    stage = Stage("vae", args.run, model, model.vae.parameters(), Schedule(args.lr, 200), args.device,
+                  _RandomState(rng))
     model.train()
     stage.run(lambda: train_step(stage.optimizer, vae_loss, model.vae, batch()), args.minutes, args.steps)
     set_latent_statistics(model, corpus, audio, args.device)
@@ -299,8 +300,8 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
                           drawn_inputs=args.drawn_inputs, drawn_nfe=args.drawn_nfe)
     model.vae.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
-    stage = Stage("ditar", args.run, model, params, args.lr, args.warmup, args.device, batches, args.ema,
-                  workers, args.seed)
+    schedule = Schedule(args.lr, args.warmup, args.lr_decay_steps, args.lr_final)
+    stage = Stage("ditar", args.run, model, params, schedule, args.device, batches, args.ema, workers, args.seed)
     if not stage.resumed and fresh:
         scales = balance_scales(model, batches(args.device), fresh)
         if workers.lead:
@@ -366,6 +367,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         if every and (not args.metrics_every or every % args.metrics_every):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"error: {flag} {every} is not a multiple of --metrics-every {args.metrics_every}")
+    if args.warmup < 1 or args.lr_decay_steps < 0 or not 0.0 <= args.lr_final <= 1.0:
+        raise SystemExit(f"error: --warmup {args.warmup}, --lr-decay-steps {args.lr_decay_steps} and --lr-final "
+                         f"{args.lr_final} are not a schedule (warm-up 1 or more, decay 0 or more, final in [0, 1])")
     if args.locdit_layers is not None and args.locdit_layers < 1:
         raise SystemExit(f"error: --locdit-layers {args.locdit_layers} is not a layer count (1 or more)")
     if args.workers < 1 or args.batch % args.workers:
@@ -429,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
                         "them and in LocDiT's history, in training (scheduled sampling; the draws cost time)")
     parser.add_argument("--drawn-nfe", type=int, default=4, help="solver steps of those draws")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--lr-decay-steps", type=int, default=0,
+                        help="DiTAR stage: after the warm-up, a cosine decay of the learning rate over this many "
+                        "steps of the run, to --lr-final of it, held there after (0: constant)")
+    parser.add_argument("--lr-final", type=float, default=0.1, help="the decayed learning rate, as a share of --lr")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="DiTAR stage: decay of the weights' moving average that is checkpointed (0: none)")
     parser.add_argument("--metrics-every", type=int, default=200, help="alignment metrics on the probe (0: never)")
