@@ -367,7 +367,9 @@ def build_corpus(
     heldout_txt = "".join(s + "\n" for s in text.heldout)
     held_path = root / "heldout.txt"
     if held_path.exists() and held_path.read_text(encoding="utf-8") != heldout_txt:
-        log("warning: heldout.txt differs from this seed/fortunes version; rewriting it")
+        # another seed or fortunes version: its plan could train on this corpus's held-out sentences
+        raise CorpusError(f"{held_path} holds other held-out sentences than this seed and fortunes version plan: "
+                          "extend a corpus with the seed and fortunes it was built with, or build a new one")
     _write_text(held_path, heldout_txt)
     heldout_keys = {sentence_key(s) for s in text.heldout}
     if progress:
