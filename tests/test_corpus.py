@@ -121,6 +121,33 @@ def test_heldout_sentences_never_reach_training(built):
     assert not held_keys & {sentence_key(r["text"]) for r in _rows(out / "train.jsonl")}
 
 
+def test_the_held_out_sentences_are_fixed_and_every_seed_trains_around_them():
+    if not sentences.FORTUNES_DIR.is_dir():
+        pytest.skip("Debian fortunes are not installed (apt-get install fortunes)")
+    fixed = sentences.heldout_sentences()
+    assert len(fixed) == len(set(fixed)) == 100
+    # each is what the corpus would store for it: the evaluation reads exactly what a voice reads
+    assert all(sentences.select_sentence(s) == s for s in fixed)
+    held_keys = {sentence_key(s) for s in fixed}
+    for seed in (0, 1):
+        text = sentences.plan_text(seed)
+        assert text.heldout == fixed
+        assert not held_keys & {sentence_key(s) for s in text.train}
+        assert len(text.train) + len(fixed) == text.n_candidates  # all of them are fortunes sentences
+    assert sentences.plan_text(0).train[:50] != sentences.plan_text(1).train[:50]
+
+
+def test_a_corpus_with_other_held_out_sentences_is_refused_in_one_line(tmp_path, capsys):
+    _need_engines()
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "heldout.txt").write_text("a sentence some other plan held out.\n", encoding="utf-8")
+    rc = corpus.main(["--out", str(out), "--hours", "0", "--nice", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "build a new corpus" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "train.jsonl").exists()
+
+
 def test_reference_clips_use_held_out_voices_and_sentences(built):
     out, summary = built
     refs = _rows(out / "refs.jsonl")

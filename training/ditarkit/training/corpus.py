@@ -18,15 +18,16 @@ Layout of `<out>`::
     probe/<rate>/<utt>.wav   held-out sentences in the base voice at three speaking rates
     train.jsonl              {"id", "voice", "text", "path", "seconds", "rate", "chars"} per line
     refs.jsonl, probe.jsonl  the same fields ("chars" where aligned)
-    heldout.txt              100 sentences never used in train.jsonl
+    heldout.txt              the kit's fixed held-out sentences, never used in train.jsonl
     rejected.jsonl           clips dropped (length, silence, no alignment), so a rerun skips them
     summary.json, README.md  what was made
 
 `text` is the runtime's normalised text; `chars` holds [start, end) samples of each of its
 characters in the wav. The run resumes (valid wavs are kept, manifests appended) and the plan
 (which sentence, voice and rate, in which order) is a pure function of the seed and the
-fortunes text. Piper samples duration noise inside its graph, so its waveforms are not
-bit-identical between runs; the recorded alignment is the one that was spoken.
+fortunes text; the held-out sentences are the kit's own, fixed (`sentences.heldout_sentences`).
+Piper samples duration noise inside its graph, so its waveforms are not bit-identical between
+runs; the recorded alignment is the one that was spoken.
 """
 
 from __future__ import annotations
@@ -367,9 +368,9 @@ def build_corpus(
     heldout_txt = "".join(s + "\n" for s in text.heldout)
     held_path = root / "heldout.txt"
     if held_path.exists() and held_path.read_text(encoding="utf-8") != heldout_txt:
-        # another seed or fortunes version: its plan could train on this corpus's held-out sentences
-        raise CorpusError(f"{held_path} holds other held-out sentences than this seed and fortunes version plan: "
-                          "extend a corpus with the seed and fortunes it was built with, or build a new one")
+        # built before the held-out sentences were fixed: this plan could train on its held-out ones
+        raise CorpusError(f"{held_path} holds other held-out sentences than the kit's fixed ones "
+                          "(training/ditarkit/training/heldout.txt): build a new corpus")
     _write_text(held_path, heldout_txt)
     heldout_keys = {sentence_key(s) for s in text.heldout}
     if progress:

@@ -19,7 +19,10 @@ FORTUNES_SKIP = {"ascii-art", "perl", "translate-me"}  # mostly pictures, code o
 MIN_WORDS = 3
 MAX_WORDS = 25
 MAX_WORD_LETTERS = 18
-N_HELDOUT = 100
+# The held-out sentences, fixed: every shipped voice was evaluated on them and trained on none.
+# A plan drawn from the fortunes would change whenever the normaliser does, and could then train
+# on the sentences an earlier voice was measured on.
+HELDOUT_FILE = Path(__file__).with_name("heldout.txt")
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])[\"')\]\u201d]*\s+(?=[\"'(\[\u201c]*[A-Z])")
 _ATTRIBUTION = re.compile(r"^\s*(--|-\s|~~)")
@@ -130,13 +133,20 @@ class TextPlan:
     n_candidates: int
 
 
+def heldout_sentences() -> list[str]:
+    """The fixed held-out sentences (`heldout.txt` beside this module), in order."""
+    return [s for s in HELDOUT_FILE.read_text(encoding="utf-8").splitlines() if s]
+
+
 def plan_text(seed: int, root: Path = FORTUNES_DIR) -> TextPlan:
+    """The held-out sentences, and every other usable sentence in a seeded coverage order."""
+    heldout = heldout_sentences()
+    held_keys = {sentence_key(s) for s in heldout}
     sentences = load_sentences(root)
-    if len(sentences) <= N_HELDOUT:
-        raise CorpusError(f"only {len(sentences)} usable sentences in {root}")
-    rng = np.random.default_rng([seed, 0x7E47])
-    perm = rng.permutation(len(sentences))
-    shuffled = [sentences[i] for i in perm]
-    heldout, pool = shuffled[:N_HELDOUT], shuffled[N_HELDOUT:]
-    ordered = [pool[i] for i in coverage_order(pool)]
+    pool = [s for s in sentences if sentence_key(s) not in held_keys]
+    if not pool:
+        raise CorpusError(f"no usable sentences in {root} outside the held-out ones")
+    perm = np.random.default_rng([seed, 0x7E47]).permutation(len(pool))
+    shuffled = [pool[i] for i in perm]
+    ordered = [shuffled[i] for i in coverage_order(shuffled)]
     return TextPlan(heldout=heldout, train=ordered, n_candidates=len(sentences))
