@@ -211,6 +211,7 @@ def test_the_kokoro_plan_is_its_own_draw_over_the_training_sentences():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kokoro-hours", "1"], "need --kokoro-voices"),
+    (["--kokoro-voices", "/nonexistent/voices", "--kokoro-max-utts", "5"], "needs --kokoro-hours too"),
     (["--kokoro-voices", "/nonexistent/voices"], "npm pack kokoro-js"),
 ])
 def test_kokoro_flags_fail_in_one_line(tmp_path, capsys, argv, message):

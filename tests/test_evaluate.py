@@ -23,7 +23,6 @@ from ditarkit.training.scoring import (
     semitones,
     word_counts,
     word_error_rate,
-    word_errors,
     words,
 )
 
@@ -59,8 +58,10 @@ def test_wer_is_edits_over_reference_words(measures):
     assert word_error_rate(["The cat sat down."], ["the cat, sat down"]) == 0.0
     # corpus level: 1 insertion over 4 words, not the mean of per-sentence rates
     assert word_error_rate(["Cats eat.", "dogs bark"], ["cats eat", "dogs bark loudly"]) == pytest.approx(0.25)
-    assert word_errors(["a b c", "d e"], ["", "d x e y"]) == (3 + 2, 5)  # 3 deletions; 2 insertions
-    assert word_errors(["...", "a b"], ["x", "a b"]) == (0, 2)  # a reference without words is not scored
+    counts = word_counts(["a b c", "d e"], ["", "d x e y"])
+    assert (counts.edits, counts.reference_words) == (3 + 2, 5)  # 3 deletions; 2 insertions
+    counts = word_counts(["...", "a b"], ["x", "a b"])
+    assert (counts.edits, counts.reference_words) == (0, 2)  # a reference without words is not scored
     loop = word_counts(["well said"], ["well well well well well well"])  # a transcriber loop on unclear audio
     assert (loop.hits, loop.substitutions, loop.deletions, loop.insertions) == (1, 1, 0, 4)
     assert loop.summary()["wer"] == pytest.approx(2.5) and loop.heard == pytest.approx(0.5)  # heard stays <= 100 %
@@ -70,7 +71,7 @@ def test_wer_is_edits_over_reference_words(measures):
     with pytest.raises(ValueError, match="no reference words"):
         word_error_rate(["..."], ["x"])
     with pytest.raises(ValueError, match="1 references but 2 hypotheses"):
-        word_errors(["a"], ["a", "b"])
+        word_counts(["a"], ["a", "b"])
 
 
 # --------------------------------------------------------------------------- F0

@@ -40,6 +40,13 @@ class SpokenWord:
 
 
 STRESS_MARKS = "\u02c8\u02cc\u02d0"  # primary/secondary stress and length: not sounds
+
+
+def bare_phonemes(said: str) -> str:
+    """A phonemizer's word with stress and length marks, punctuation and spaces left out: the
+    spelling the matcher compares."""
+    return "".join(c for c in said if c not in STRESS_MARKS + PUNCTUATION + " ")
+
 # What a group of the matcher costs beyond its phoneme mismatches: (text words, phoneme words).
 # espeak runs an unstressed function word into the word before it ("was the", "than a"), so a
 # merge whose last word is the shortest is the cheaper kind.

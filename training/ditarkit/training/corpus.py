@@ -1,8 +1,8 @@
 """Build an offline, multi-voice English speech corpus with character alignments.
 
-Text comes from Debian's `fortunes` (`sentences.py`), speech from piper and flite
+Text comes from Debian's `fortunes` (`sentences.py`), speech from piper, flite and Kokoro
 (`voices.py`), and every training utterance carries which character it speaks when
-(`alignment.py`, from piper's own phoneme durations). Nothing is downloaded at run time::
+(`alignment.py`, from the engine's own phoneme durations). Nothing is downloaded at run time::
 
     python -m ditarkit.training.corpus --out data/corpus --hours 6 [--max-utts N] [--seed 0] [--jobs 1]
         [--kokoro-voices package/voices --kokoro-hours 2]
@@ -49,7 +49,8 @@ import numpy as np
 from ditarkit.runtime.audio import write_wav
 from ditarkit.runtime.fileio import atomic_write
 from ditarkit.training.corpus_report import is_kokoro, render_readme, summarise
-from ditarkit.training.kokoro import require_model_packages
+from ditarkit.training.engine_parts import require_tool
+from ditarkit.training.kokoro import model_path, require_model_packages
 from ditarkit.training.sentences import (
     FORTUNES_DIR,
     CorpusError,
@@ -66,7 +67,6 @@ from ditarkit.training.voices import (
     heldout_voices,
     kokoro_pack_path,
     kokoro_train_voices,
-    require_tool,
     train_voices,
     utterance_rate,
     voice_by_name,
@@ -92,7 +92,7 @@ class Utt:
     voice: str
     text: str
     path: str  # relative to the corpus folder
-    rate: float = 1.0  # piper length_scale factor (1 for other engines)
+    rate: float = 1.0  # length scale: piper's length_scale factor, Kokoro's 1 / speed (1 for flite)
 
 
 def utt_id(voice: str, text: str) -> str:
@@ -334,6 +334,7 @@ def preflight(fortunes_dir: str | os.PathLike = FORTUNES_DIR, kokoro_voices: str
         require_tool("espeak-ng", "espeak-ng")
         for v in KOKORO_VOICES:
             kokoro_pack_path(kokoro_voices, v.base)
+        model_path()  # assembled here once, not by every worker process on its first utterance
 
 
 def build_corpus(
@@ -359,6 +360,8 @@ def build_corpus(
     summary.json)."""
     if kokoro_voices is None and (kokoro_hours > 0 or kokoro_max_utts):
         raise CorpusError("Kokoro utterances need --kokoro-voices (the voices folder of `npm pack kokoro-js@1.2.1`)")
+    if kokoro_max_utts and kokoro_hours <= 0:  # no hours is a target already met: nothing would be made
+        raise CorpusError("--kokoro-max-utts needs --kokoro-hours too (the pass ends at whichever comes first)")
     synth = Synth(threads, None if kokoro_voices is None else str(kokoro_voices))
     preflight(fortunes_dir, synth.kokoro_voices)
     root = Path(out_dir)
@@ -385,11 +388,12 @@ def build_corpus(
         if progress:
             log(f"{len(refs)} reference clips of held-out voices, {len(probe)} probe clips")
         piper = _Pass("piper", iter_train_plan(text, seed), lambda r: not is_kokoro(r), hours, max_utts)
-        n_new = _build_train(root, piper, heldout_keys, rejected, jobs, synth, _Progress(hours * 3600.0, log_every,
-                                                                                             progress))
+        existing = _valid_train_rows(root)
+        n_new = _build_train(root, piper, existing, heldout_keys, rejected, jobs, synth,
+                             _Progress(hours * 3600.0, log_every, progress))
         if synth.kokoro_voices:
             kokoro = _Pass("kokoro", iter_kokoro_plan(text, seed), is_kokoro, kokoro_hours, kokoro_max_utts)
-            n_new += _build_train(root, kokoro, heldout_keys, rejected, jobs, synth,
+            n_new += _build_train(root, kokoro, existing, heldout_keys, rejected, jobs, synth,
                                   _Progress(kokoro_hours * 3600.0, log_every, progress))
     finally:
         rejected.close()
@@ -413,14 +417,21 @@ class _Pass:
     max_utts: int | None
 
 
-def _build_train(root: Path, task: _Pass, heldout_keys: set[str], rejected: _Rejections, jobs: int, synth: Synth,
-                 prog: _Progress) -> int:
-    """Append `task`'s utterances to train.jsonl until its target; rows already there (of
-    either engine) are kept as they are."""
+def _valid_train_rows(root: Path) -> dict[str, dict]:
+    """train.jsonl's complete rows whose wav is there, by id; the file is rewritten with just
+    those (a line cut by an interrupt, or a wav lost, is made again)."""
     train_path = root / "train.jsonl"
-    existing = {r["id"]: r for r in _read_jsonl(train_path) if {"id", "path", "seconds", "chars"} <= r.keys()}
-    existing = {k: r for k, r in existing.items() if wav_seconds(root / r["path"]) is not None}
-    _write_jsonl(train_path, list(existing.values()))  # drops cut lines
+    rows = {r["id"]: r for r in _read_jsonl(train_path) if {"id", "path", "seconds", "chars"} <= r.keys()}
+    rows = {k: r for k, r in rows.items() if wav_seconds(root / r["path"]) is not None}
+    _write_jsonl(train_path, list(rows.values()))
+    return rows
+
+
+def _build_train(root: Path, task: _Pass, existing: dict[str, dict], heldout_keys: set[str], rejected: _Rejections,
+                 jobs: int, synth: Synth, prog: _Progress) -> int:
+    """Append `task`'s utterances to train.jsonl until its target; `existing` (the rows
+    already there, of either engine) are kept as they are, and the new ones join it."""
+    train_path = root / "train.jsonl"
     target_s = task.hours * 3600.0
     mine = [r for r in existing.values() if task.counts(r)]
     done_s, done_n = sum(r["seconds"] for r in mine), len(mine)

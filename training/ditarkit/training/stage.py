@@ -13,7 +13,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +65,18 @@ class Stage:
     data-parallel processes this one is part of; `seed` starts the random streams of a worker
     the saved state has none for."""
 
-    def __init__(self, name: str, run: Path, model: DiTAR, params: Iterable[torch.nn.Parameter], lr: Schedule,
+    def __init__(self, name: str, run: Path, model: DiTAR, params: Iterable[torch.nn.Parameter], schedule: Schedule,
                  device: str, sampler: Any = None, ema: float = 0.0, workers: Workers = ALONE,
                  seed: int = 0) -> None:
         self.name, self.dir, self.model, self.device, self.sampler = name, run / name, model, device, sampler
         self.workers, self.seed = workers, seed
         self.dir.mkdir(parents=True, exist_ok=True)
         self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr.peak, betas=(0.9, 0.98), weight_decay=0.01)
-        self.average = averaged(model, ema) if ema else None
-        self.lr, self.step = lr, 0
+        self.optimizer = torch.optim.AdamW(self.params, lr=schedule.peak, betas=(0.9, 0.98), weight_decay=0.01)
+        # only the lead samples, evaluates and saves the average: a follower's would be a copy
+        # of the model updated every step for nothing
+        self.average = averaged(model, ema) if ema and workers.lead else None
+        self.schedule, self.step = schedule, 0
         self.resumed = False
         state = self.dir / STATE_FILE
         if state.is_file():
@@ -88,6 +90,9 @@ class Stage:
     def _restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.step, self.resumed = saved["step"], True
+        if saved.get("schedule", asdict(self.schedule)) != asdict(self.schedule):
+            self._log(f"{self.name}: the learning rate follows {self.schedule} from step {self.step}; the run "
+                      f"saved had {Schedule(**saved['schedule'])}")
         if "model" in saved:  # the checkpoint held the average: the raw weights are here
             self.model.load_state_dict(saved["model"])
         if self.average is not None and "average" in saved:
@@ -143,7 +148,7 @@ class Stage:
 
     def set_lr(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(self.step)
+            group["lr"] = self.schedule(self.step)
 
     def restart_average(self) -> None:
         """The average starts again at the weights as they are (after a change made to them
@@ -164,7 +169,8 @@ class Stage:
         if not self.workers.lead:
             return
         save_checkpoint(self.sampling_model, self.dir)
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, **streams[0]}
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "schedule": asdict(self.schedule),
+                 **streams[0]}
         if len(streams) > 1:
             state["workers"] = streams[1:]
         if self.average is not None:
@@ -200,22 +206,28 @@ class Stage:
         first_step = self.step
         totals: dict[str, float] = defaultdict(float)
         summed = 0
+        lead = self.workers.lead
         while True:
-            # the lead's clock decides: the others started theirs while it evaluated step 0
-            stop, out_of_time = self.workers.any(bool(self.stop_requested),
-                                                 self.workers.lead and time.time() - start > minutes * 60)
+            # one decision of all workers, on the lead's clock (the others started theirs while
+            # it evaluated step 0); a save due here saves what the end of the last step would have
+            now = time.time()
+            stop, out_of_time, save_due = self.workers.any(
+                bool(self.stop_requested), lead and now - start > minutes * 60, lead and now - last_save > every)
             if stop or out_of_time or (max_steps and self.step >= max_steps):
-                break
+                break  # run() saves
+            if save_due:
+                self.save()
+                last_save = time.time()
             self.set_lr()
-            figures = self.workers.mean(step_fn())
-            if self.workers.lead:
+            figures = self.workers.mean(step_fn(), check_keys=self.step == first_step)
+            if lead:
                 for key, value in figures.items():
                     totals[key] += value
+                summed += 1
             if self.average is not None:
                 self.average.update_parameters(self.model)
             self.step += 1
-            summed += 1
-            if self.step % log_every == 0 and self.workers.lead:
+            if self.step % log_every == 0 and lead:
                 means = {k: v / summed for k, v in totals.items()}
                 totals.clear()
                 summed = 0
@@ -223,11 +235,8 @@ class Stage:
                 log(f"{self.name} step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                     + f" ({rate:.2f} steps/s)")
                 self.record(means)
-            if evaluate and evaluate_every and self.step % evaluate_every == 0 and self.workers.lead:
+            if evaluate and evaluate_every and self.step % evaluate_every == 0 and lead:
                 self._evaluate(evaluate)
-            if self.workers.any(self.workers.lead and time.time() - last_save > every)[0]:
-                self.save()
-                last_save = time.time()
 
     def _evaluate(self, evaluate: Callable[[], dict]) -> None:
         row = evaluate()

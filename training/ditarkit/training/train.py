@@ -302,10 +302,9 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
     params = [p for n, p in model.named_parameters() if not n.startswith("vae.")]
     schedule = Schedule(args.lr, args.warmup, args.lr_decay_steps, args.lr_final)
     stage = Stage("ditar", args.run, model, params, schedule, args.device, batches, args.ema, workers, args.seed)
-    if not stage.resumed and fresh:
+    if not stage.resumed and fresh and workers.lead:
         scales = balance_scales(model, batches(args.device), fresh)
-        if workers.lead:
-            log("ditar: initial scales " + json.dumps(scales))
+        log("ditar: initial scales " + json.dumps(scales))
     workers.share_weights(model)  # the lead's balanced scales, on every worker
     if not stage.resumed and fresh:
         stage.restart_average()
@@ -367,9 +366,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         if every and (not args.metrics_every or every % args.metrics_every):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"error: {flag} {every} is not a multiple of --metrics-every {args.metrics_every}")
-    if args.warmup < 1 or args.lr_decay_steps < 0 or not 0.0 <= args.lr_final <= 1.0:
+    try:
+        Schedule(args.lr, args.warmup, args.lr_decay_steps, args.lr_final)
+    except ValueError:
         raise SystemExit(f"error: --warmup {args.warmup}, --lr-decay-steps {args.lr_decay_steps} and --lr-final "
-                         f"{args.lr_final} are not a schedule (warm-up 1 or more, decay 0 or more, final in [0, 1])")
+                         f"{args.lr_final} are not a schedule "
+                         "(warm-up 1 or more, decay 0 or more, final in [0, 1])") from None
     if args.locdit_layers is not None and args.locdit_layers < 1:
         raise SystemExit(f"error: --locdit-layers {args.locdit_layers} is not a layer count (1 or more)")
     if args.workers < 1 or args.batch % args.workers:
@@ -435,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     parser.add_argument("--lr-decay-steps", type=int, default=0,
                         help="DiTAR stage: after the warm-up, a cosine decay of the learning rate over this many "
-                        "steps of the run, to --lr-final of it, held there after (0: constant)")
+                        "steps, to --lr-final of it, held there after (0: constant); counted from step 0 of the "
+                        "stage, not from a resume: pass the same values to resume")
     parser.add_argument("--lr-final", type=float, default=0.1, help="the decayed learning rate, as a share of --lr")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="DiTAR stage: decay of the weights' moving average that is checkpointed (0: none)")

