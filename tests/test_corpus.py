@@ -129,12 +129,12 @@ def test_the_held_out_sentences_are_fixed_and_every_seed_trains_around_them():
     # each is what the corpus would store for it: the evaluation reads exactly what a voice reads
     assert all(sentences.select_sentence(s) == s for s in fixed)
     held_keys = {sentence_key(s) for s in fixed}
-    for seed in (0, 1):
-        text = sentences.plan_text(seed)
+    plans = [sentences.plan_text(seed) for seed in (0, 1)]
+    for text in plans:
         assert text.heldout == fixed
         assert not held_keys & {sentence_key(s) for s in text.train}
         assert len(text.train) + len(fixed) == text.n_candidates  # all of them are fortunes sentences
-    assert sentences.plan_text(0).train[:50] != sentences.plan_text(1).train[:50]
+    assert plans[0].train[:50] != plans[1].train[:50]
 
 
 def test_a_corpus_with_other_held_out_sentences_is_refused_in_one_line(tmp_path, capsys):

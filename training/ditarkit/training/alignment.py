@@ -41,12 +41,6 @@ class SpokenWord:
 
 STRESS_MARKS = "\u02c8\u02cc\u02d0"  # primary/secondary stress and length: not sounds
 
-
-def bare_phonemes(said: str) -> str:
-    """A phonemizer's word with stress and length marks, punctuation and spaces left out: the
-    spelling the matcher compares."""
-    return "".join(c for c in said if c not in STRESS_MARKS + PUNCTUATION + " ")
-
 # What a group of the matcher costs beyond its phoneme mismatches: (text words, phoneme words).
 # espeak runs an unstressed function word into the word before it ("was the", "than a"), so a
 # merge whose last word is the shortest is the cheaper kind.
@@ -54,6 +48,12 @@ MISMATCH_COST = 0.5  # per phoneme in one spelling and not the other (weak forms
 MERGE_COST = {True: 0.3, False: 0.8}  # keyed by "the last word is the shortest"
 SPLIT_COST = 0.5  # one text word, two phoneme words
 MAX_MISMATCH_SHARE = 0.4  # more of the phonemes than this differ: the text is not what was spoken
+
+
+def bare_phonemes(said: str) -> str:
+    """A phonemizer's word with stress and length marks, punctuation and spaces left out: the
+    spelling the matcher compares."""
+    return "".join(c for c in said if c not in STRESS_MARKS + PUNCTUATION + " ")
 
 
 class AlignmentError(ValueError):
