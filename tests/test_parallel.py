@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -69,3 +71,21 @@ def test_a_follower_that_dies_before_joining_ends_the_run_instead_of_hanging_it(
     monkeypatch.setattr(parallel, "JOIN_SECONDS", JOIN_WAIT_SECONDS)
     with pytest.raises(SystemExit, match=r"training worker 1 failed"):
         launch(_join_only, StartsNowhere(), 2, tmp_path)
+
+
+SLOW_EXIT_WAIT_SECONDS = 1.0  # the lead's wait for a finished follower to exit; this one never would
+
+
+def _slow_to_exit(args, workers) -> None:
+    """The follower does its work, then its interpreter cannot end: a non-daemon thread
+    outlives it, as a loaded machine's torch teardown can outlive the lead's patience."""
+    workers.any(True)
+    if not workers.lead:
+        threading.Thread(target=time.sleep, args=(600,)).start()
+
+
+def test_a_follower_slow_to_exit_after_its_work_is_stopped_not_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "FOLLOWER_EXIT_SECONDS", SLOW_EXIT_WAIT_SECONDS)
+    started = time.monotonic()
+    launch(_slow_to_exit, argparse.Namespace(), 2, tmp_path)  # no SystemExit: the work was done
+    assert time.monotonic() - started < 60  # stopped after the wait, not after its thread's 600 s

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from ditarkit.reference.checkpoint import load_checkpoint
 from ditarkit.runtime.config import TextConfig
 from ditarkit.runtime.text import TextFrontend
 from ditarkit.training import train
-from ditarkit.training.data import DiTARBatches, encode_corpus, read_manifest
+from ditarkit.training.data import DiTARBatches, Utterance, draw_weights, encode_corpus, read_manifest
 from ditarkit.training.forced import forced_audio, forced_sentences, free_audio, probe_wer
 from ditarkit.training.metrics import build_probe
 from ditarkit.training.stage import CURVE_FILE, LOG_FILE, STATE_FILE, Schedule
@@ -191,10 +192,27 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
     (["--workers", "0"], "--workers 0 does not divide"),
     (["--lr-final", "1.5"], "--lr-final 1.5 are not a schedule"),
     (["--lr-decay-steps", "-1"], "--lr-decay-steps -1 and"),
+    (["--engine-shares", "kokoro"], "--engine-shares item 'kokoro' is not ENGINE=SHARE"),
+    (["--engine-shares", "kokoro=0"], "is not ENGINE=SHARE with a share in"),
+    (["--engine-shares", "kokoro=0.6,flite=0.5"], "add up to more than 1"),
 ])
 def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         main(["ditar", "--run", str(tmp_path), *flags])
+
+
+def _voices(*names: str) -> list[Utterance]:
+    return [Utterance(f"u{i}", name, "text", Path("x.wav")) for i, name in enumerate(names)]
+
+
+def test_engine_shares_set_each_engine_s_share_of_the_draws():
+    items = _voices("piper_joe", "piper_joe_p+2", "piper_joe_p-4_warm", "kokoro_af_bella", "flite_slt")
+    assert draw_weights(items, {}) is None  # uniform
+    weights = draw_weights(items, {"kokoro": 0.4})
+    assert weights == pytest.approx([0.15, 0.15, 0.15, 0.4, 0.15])  # the rest split by utterance count
+    assert sum(weights) == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="no utterance of the corpus is from espeak"):
+        draw_weights(items, {"espeak": 0.2})
 
 
 def _wait_for_step_two(proc: subprocess.Popen, log) -> None:
@@ -338,10 +356,11 @@ def test_a_stop_signal_to_the_lead_ends_every_worker_after_the_same_step(trained
     _wait_for_step_two(proc, target / "ditar" / LOG_FILE)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=SIGNAL_WAIT_SECONDS)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    follower = (target / "ditar" / "worker-1.log").read_text()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:] + "\nworker 1:\n" + follower[-2000:]
     state = torch.load(target / "ditar" / STATE_FILE, weights_only=True)
     assert f"saved at step {state['step']}" in stderr and len(state["workers"]) == 1
-    assert "Traceback" not in (target / "ditar" / "worker-1.log").read_text()
+    assert "Traceback" not in follower
 
 
 def test_a_deeper_locdit_grows_from_a_shallower_one_as_the_same_function(trained, capsys):

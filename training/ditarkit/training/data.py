@@ -7,8 +7,9 @@ import hashlib
 import json
 import random
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,28 @@ def vae_fingerprint(model: DiTAR) -> str:
     return digest.hexdigest()[:12]
 
 
+def engine_of(voice: str) -> str:
+    """The engine that rendered a corpus voice: the first word of its name ("kokoro_af_bella")."""
+    return voice.split("_", 1)[0]
+
+
+def draw_weights(items: list[Utterance], shares: dict[str, float]) -> list[float] | None:
+    """Per-utterance draw weights that give each engine in `shares` that share of the draws
+    (the engines not named split the rest by their utterance counts); None when no share is
+    set, a uniform draw. A few hours of a varied engine among many of one voice's variants
+    would otherwise be drawn by their small count."""
+    if not shares:
+        return None
+    counts = Counter(engine_of(u.voice) for u in items)
+    missing = sorted(set(shares) - set(counts))
+    if missing:
+        raise SystemExit(f"error: no utterance of the corpus is from {', '.join(missing)} "
+                         f"(its engines: {', '.join(sorted(counts))})")
+    rest = max(0.0, 1.0 - sum(shares.values()))
+    others = sum(n for engine, n in counts.items() if engine not in shares)
+    return [shares[e] / counts[e] if e in shares else rest / others for e in map(engine_of, (u.voice for u in items))]
+
+
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
         np.savez(fh, **arrays)
@@ -143,11 +166,13 @@ def collate(config: DiTARConfig, texts: list[list[int]], prompts: list[np.ndarra
 
 
 class DiTARBatches:
-    """Target utterance + a prompt cut from another utterance of the same voice. Its random
-    state is saved with the checkpoint, so a resumed run draws the batches it would have."""
+    """Target utterance + a prompt cut from another utterance of the same voice; targets drawn
+    uniformly, or by engine shares (`draw_weights`). Its random state is saved with the
+    checkpoint, so a resumed run draws the batches it would have."""
 
     def __init__(self, corpus: list[Utterance], latents: dict[str, np.ndarray], config: DiTARConfig, batch: int,
-                 seed: int, max_target_seconds: float, prompt_seconds: tuple[float, float]) -> None:
+                 seed: int, max_target_seconds: float, prompt_seconds: tuple[float, float],
+                 engine_shares: dict[str, float] | None = None) -> None:
         self.cfg, self.batch, self.latents = config, batch, latents
         self.p = config.patch_size
         self.patch_samples = self.p * config.audio.hop_length
@@ -156,6 +181,8 @@ class DiTARBatches:
                       and len(latents[u.id]) // self.p <= self.max_target]
         if not self.items:
             raise SystemExit(f"error: no utterance of the corpus fits {max_target_seconds} s")
+        weights = draw_weights(self.items, engine_shares or {})
+        self.cum_weights = None if weights is None else list(accumulate(weights))
         self.rng = random.Random(seed)
         self.by_voice: dict[str, list[Utterance]] = defaultdict(list)
         for u in corpus:
@@ -171,10 +198,15 @@ class DiTARBatches:
         start = rng.randrange(0, len(frames) // self.p - n + 1)
         return frames[start * self.p : (start + n) * self.p]
 
+    def draw(self) -> Utterance:
+        if self.cum_weights is None:
+            return self.rng.choice(self.items)
+        return self.rng.choices(self.items, cum_weights=self.cum_weights)[0]
+
     def __call__(self, device: str) -> SpeechBatch:
         texts, prompts, targets, windows = [], [], [], []
         while len(texts) < self.batch:
-            item = self.rng.choice(self.items)
+            item = self.draw()
             prompt = self.prompt_for(item, self.rng)
             if len(prompt) < self.cfg.history_frames:
                 continue

@@ -28,7 +28,9 @@ import torch.distributed as dist
 
 # The lead evaluates (export, Whisper) while the others wait at their next step's collective.
 WAIT_FOR_LEAD = datetime.timedelta(hours=3)
-FOLLOWER_EXIT_SECONDS = 10.0  # a failed follower's interpreter winds down after its socket has closed
+# a follower's interpreter winds torch down after its socket has closed: the lead waits this
+# long for its exit code (the wait ends as soon as it has exited; a loaded machine is slow)
+FOLLOWER_EXIT_SECONDS = 60.0
 JOIN_SECONDS = 300  # each follower starts a fresh interpreter and imports torch: slow on a loaded machine
 
 
@@ -121,19 +123,21 @@ def log_file(run_stage: Path, rank: int) -> Path:
 def launch(work: Callable[[Any, Workers], None], args: Any, size: int, run_stage: Path) -> None:
     """Run `work(args, workers)` in `size` processes: this one is the lead, the others are
     started fresh (spawn) and write their messages to `log_file`. A follower that fails ends
-    the run with one line naming its log."""
+    the run with one line naming its log; one that has done its work and is slow to exit (a
+    loaded machine winding torch down) is stopped, not counted as failed."""
     port = _free_port()
     run_stage.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
-    followers = [context.Process(target=_follow, args=(work, args, rank, size, port, run_stage), daemon=True)
-                 for rank in range(1, size)]
+    finished = [context.Event() for _ in range(1, size)]
+    followers = [context.Process(target=_follow, args=(work, args, rank, size, port, run_stage, finished[rank - 1]),
+                                 daemon=True) for rank in range(1, size)]
     for process in followers:
         process.start()
     try:
         _join_group(0, size, port)
         work(args, Workers(0, size))
     except RuntimeError as failure:  # a follower went away before joining or mid-collective
-        broken = _failed(followers, FOLLOWER_EXIT_SECONDS)  # its socket closes a moment before it exits
+        broken = _failed(followers, finished, FOLLOWER_EXIT_SECONDS)  # its socket closes a moment before it exits
         if not broken:
             raise
         first_line = (str(failure).splitlines() or [type(failure).__name__])[0][:200]
@@ -143,17 +147,19 @@ def launch(work: Callable[[Any, Workers], None], args: Any, size: int, run_stage
         if dist.is_initialized():
             dist.destroy_process_group()
         _end(followers)
-    broken = _failed(followers, 0.0)
+    broken = _failed(followers, finished, 0.0)
     if broken:
         raise SystemExit(f"error: training worker {broken[0]} failed (see {log_file(run_stage, broken[0])})")
 
 
-def _failed(followers: list, wait_seconds: float) -> list[int]:
-    """The ranks of the followers that have exited with an error, after up to `wait_seconds`."""
+def _failed(followers: list, finished: list, wait_seconds: float) -> list[int]:
+    """The ranks of the followers that have exited with an error, or were stopped, before
+    their work was done, after up to `wait_seconds`."""
     deadline = time.monotonic() + wait_seconds
     for process in followers:
         process.join(max(0.0, deadline - time.monotonic()))
-    return [rank for rank, process in enumerate(followers, 1) if process.exitcode]
+    return [rank for rank, (process, done) in enumerate(zip(followers, finished), 1)
+            if process.exitcode and not done.is_set()]
 
 
 def _end(followers: list) -> None:
@@ -167,7 +173,7 @@ def _end(followers: list) -> None:
 
 
 def _follow(work: Callable[[Any, Workers], None], args: Any, rank: int, size: int, port: int,
-            run_stage: Path) -> None:
+            run_stage: Path, finished: Any) -> None:
     # the lead decides when to stop and tells the others; a Ctrl-C reaching the whole
     # process group must not break a follower out of a collective
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -179,6 +185,7 @@ def _follow(work: Callable[[Any, Workers], None], args: Any, rank: int, size: in
     _join_group(rank, size, port)
     try:
         work(args, Workers(rank, size))
+        finished.set()  # what remains (the group's and torch's teardown) may be cut short
     finally:
         dist.destroy_process_group()
 

@@ -247,6 +247,22 @@ def parse_heads(spec: str, config: DiTARConfig) -> tuple[tuple[int, int], ...]:
     return tuple(heads)
 
 
+def parse_engine_shares(spec: str) -> dict[str, float]:
+    """'kokoro=0.35' -> {'kokoro': 0.35}: the share of the draws each named engine gets."""
+    shares = {}
+    for item in filter(None, spec.split(",")):
+        engine, _, share = item.partition("=")
+        try:
+            shares[engine.strip()] = float(share)
+        except ValueError:
+            raise SystemExit(f"error: --engine-shares item {item!r} is not ENGINE=SHARE") from None
+        if not engine.strip() or not 0.0 < shares[engine.strip()] <= 1.0:
+            raise SystemExit(f"error: --engine-shares item {item!r} is not ENGINE=SHARE with a share in (0, 1]")
+    if sum(shares.values()) > 1.0 + 1e-9:
+        raise SystemExit(f"error: --engine-shares {spec} add up to more than 1")
+    return shares
+
+
 def _per_unit(items: list[Utterance], frontend: TextFrontend) -> list[Utterance]:
     """Every utterance, aligned per unit the model reads where its alignment covers exactly
     the characters it reads, else without an alignment."""
@@ -293,7 +309,7 @@ def train_ditar(args, workers: Workers = ALONE) -> None:
     with workers.lead_first():  # the lead fills the latents' cache, the others read it
         latents = encode_corpus(model, corpus + probe, args.run, args.device)
     batches = DiTARBatches(corpus, latents, model.config, args.batch // workers.size, args.seed,
-                           args.max_target_seconds, (2.0, 5.0))
+                           args.max_target_seconds, (2.0, 5.0), args.engine_shares)
     options = LossOptions(args.diffusion_samples, aligned_heads=parse_heads(args.aligned_heads, model.config),
                           alignment_weight=args.alignment_weight, history_noise=args.history_noise,
                           lm_input_noise=args.lm_input_noise, advance_weight=args.advance_weight,
@@ -433,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drawn-inputs", type=float, default=0.0,
                         help="probability that an utterance's patches are LocDiT's own draws where the LM reads "
                         "them and in LocDiT's history, in training (scheduled sampling; the draws cost time)")
+    parser.add_argument("--engine-shares", type=parse_engine_shares, default={}, metavar="ENGINE=SHARE,...",
+                        help="DiTAR stage: the share of the drawn utterances each named engine gets (e.g. "
+                        "kokoro=0.35: its varied voices drawn more than their hours would; default: uniform)")
     parser.add_argument("--drawn-nfe", type=int, default=4, help="solver steps of those draws")
     parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     parser.add_argument("--lr-decay-steps", type=int, default=0,
