@@ -56,6 +56,9 @@ SAMPLES_PER_PATCH = 4 * 600  # patch_size frames x hop: the first chunk is one p
 # Fixed-length options: the tiny preset's random stop head would end sentences at random.
 OPTIONS = {"seed": 3, "cfg_scale": 1.5, "temperature": 0.5, "max_seconds": 1.0, "stop_threshold": NEVER_STOP}
 TEXT = "The robot arm moved the red cube. Then it waited."
+# Each of two concurrent streams is this long, so one takes several times longer to generate
+# than a loaded machine may take to start the other (3 s of audio was once outrun by 18 ms).
+CONCURRENT_SECONDS = 8.0
 
 
 def free_port() -> int:
@@ -180,7 +183,7 @@ def test_registered_voice_gives_the_audio_of_the_same_reference_inline(server, r
 
 
 def test_two_concurrent_streams_both_complete(server, synth, reference):
-    options = [{**OPTIONS, "seed": seed, "max_seconds": 3.0} for seed in (11, 12)]
+    options = [{**OPTIONS, "seed": seed, "max_seconds": CONCURRENT_SECONDS} for seed in (11, 12)]
     results: dict[int, tuple[np.ndarray, float, float]] = {}  # audio, first chunk at, end at
     go = threading.Barrier(2)
 
