@@ -251,14 +251,15 @@ def parse_engine_shares(spec: str) -> dict[str, float]:
     """'kokoro=0.35' -> {'kokoro': 0.35}: the share of the draws each named engine gets."""
     shares = {}
     for item in filter(None, spec.split(",")):
-        engine, _, share = item.partition("=")
+        name, _, share = item.partition("=")
+        engine = name.strip()
         try:
-            shares[engine.strip()] = float(share)
+            shares[engine] = float(share)
         except ValueError:
             raise SystemExit(f"error: --engine-shares item {item!r} is not ENGINE=SHARE") from None
-        if not engine.strip() or not 0.0 < shares[engine.strip()] <= 1.0:
+        if not engine or not 0.0 < shares[engine] <= 1.0:
             raise SystemExit(f"error: --engine-shares item {item!r} is not ENGINE=SHARE with a share in (0, 1]")
-    if sum(shares.values()) > 1.0 + 1e-9:
+    if sum(shares.values()) > 1.0 + 1e-9:  # slack for decimal shares that sum to 1 in floating point
         raise SystemExit(f"error: --engine-shares {spec} add up to more than 1")
     return shares
 
