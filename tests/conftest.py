@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny DiTAR with perturbed (non-trivial) random weights."""
+"""Shared fixtures: a tiny DiTAR with perturbed (non-trivial) random weights, and its bundles."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,25 @@ sys.meta_path.insert(0, NoTorch())
 def tiny_model() -> DiTAR:
     torch.manual_seed(SEED)
     return perturb_weights(DiTAR(preset("tiny")), seed=SEED).eval()
+
+
+def _export_tiny(tiny_model: DiTAR, tmp_path_factory: pytest.TempPathFactory, name: str, fp16: bool) -> Path:
+    from ditarkit.export.bundle import export_bundle
+
+    export_bundle(tiny_model, path := tmp_path_factory.mktemp("tiny-bundles") / name, fp16=fp16)
+    return path
+
+
+# One export per precision for the whole suite (each takes seconds), shared by every module that
+# reads a tiny bundle: read them only; a test that edits a bundle edits its own copy.
+@pytest.fixture(scope="session")
+def tiny_fp32_bundle(tiny_model, tmp_path_factory) -> Path:
+    return _export_tiny(tiny_model, tmp_path_factory, "tiny32", fp16=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_bundle(tiny_model, tmp_path_factory) -> Path:
+    return _export_tiny(tiny_model, tmp_path_factory, "tiny16", fp16=True)
 
 
 @pytest.fixture()

@@ -45,10 +45,9 @@ CACHE_CUT_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory):
+def setup(tiny_fp32_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("calibration")
-    fp32 = root / "tiny-fp32"
-    export_bundle(tiny_model, fp32)
+    fp32 = tiny_fp32_bundle
     voice = root / "voice.wav"
     sf.write(voice, speech_like(2.0), 24_000)
     recording = record(fp32, TEXTS, [voice], per_graph=SAMPLES, max_seconds=SECONDS)

@@ -18,7 +18,6 @@ import soundfile as sf
 from click.testing import CliRunner
 from conftest import speech_like
 
-from ditarkit.export.bundle import export_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
 from ditarkit.runtime.cli import UNKNOWN_SIZE, main, pcm16, wav_header, write_wav_stream
 from ditarkit.runtime.runner import RunnerClosed, usable_cores
@@ -37,9 +36,8 @@ SIGNAL_WAIT_SECONDS = 120  # generous: the machine is shared with a training job
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model, tmp_path_factory) -> Path:
-    export_bundle(tiny_model, path := tmp_path_factory.mktemp("edges") / "tiny")
-    return path
+def bundle(tiny_fp32_bundle) -> Path:
+    return tiny_fp32_bundle
 
 
 @pytest.fixture(scope="module")

@@ -179,14 +179,9 @@ def test_missing_packages_are_named_before_any_work(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundles(tiny_model, tmp_path_factory):
+def tiny_bundles(tiny_fp32_bundle, tiny_fp16_bundle):
     """The same tiny model exported as fp32 and fp16 bundles."""
-    from ditarkit.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("bundles")
-    for fp16 in (False, True):
-        export_bundle(tiny_model, root / ("tiny16" if fp16 else "tiny32"), fp16=fp16)
-    return root / "tiny32", root / "tiny16"
+    return tiny_fp32_bundle, tiny_fp16_bundle
 
 
 class ScriptedTranscriber:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ditarkit.export.bundle import export_bundle
 from ditarkit.export.cli import main as export_main
 from ditarkit.export.parity import TOLERANCE, check_bundle
 from ditarkit.runtime.backends.onnxrt import OrtRunner
@@ -32,12 +31,9 @@ LOOP_STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {
-        precision: (root / precision, export_bundle(tiny_model, root / precision, fp16=precision == "fp16"))
-        for precision in ("fp32", "fp16")
-    }
+def bundles(tiny_fp32_bundle, tiny_fp16_bundle):
+    return {precision: (path, load_manifest(path)) for precision, path in
+            (("fp32", tiny_fp32_bundle), ("fp16", tiny_fp16_bundle))}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

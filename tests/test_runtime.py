@@ -39,10 +39,8 @@ SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    export_bundle(tiny_model, path)
-    return path
+def bundle(tiny_fp32_bundle):
+    return tiny_fp32_bundle
 
 
 @pytest.fixture(scope="module")

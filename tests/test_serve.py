@@ -33,7 +33,6 @@ if importlib.util.find_spec("pytriton") is None:
     pytest.skip("the serve tests need the tritonserver binary of nvidia-pytriton "
                 "(pip install --no-deps -r tests/serve-requirements.txt)", allow_module_level=True)
 
-from ditarkit.export.bundle import export_bundle  # noqa: E402
 from ditarkit.runtime.audio import AudioError  # noqa: E402
 from ditarkit.runtime.sampler import NEVER_STOP, OptionsError  # noqa: E402
 from ditarkit.runtime.synthesizer import Synthesizer  # noqa: E402
@@ -123,10 +122,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def bundle(tiny_model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    export_bundle(tiny_model, path)
-    return path
+def bundle(tiny_fp32_bundle) -> Path:
+    return tiny_fp32_bundle
 
 
 @pytest.fixture(scope="session")
