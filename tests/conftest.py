@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the reference model needs torch (pip install -e .[test])")
 
 from ditarkit.bench.signals import speech_like  # noqa: E402, F401  (tests import it from here)
+from ditarkit.reference.losses import SpeechBatch  # noqa: E402
 from ditarkit.reference.model import DiTAR, perturb_weights  # noqa: E402
-from ditarkit.runtime.config import preset  # noqa: E402
+from ditarkit.runtime.config import DiTARConfig, preset  # noqa: E402
 
 SEED = 1234
 
@@ -54,3 +55,20 @@ def tiny_fp16_bundle(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(SEED)
+
+
+def aligned_batch(cfg: DiTARConfig) -> SpeechBatch:
+    """Two utterances with random latents and alignments, for the losses of `cfg`'s model."""
+    g = torch.Generator().manual_seed(0)
+    p, c = cfg.patch_size, cfg.audio.latent_dim
+    return SpeechBatch(
+        text_ids=torch.randint(4, cfg.text.vocab_size, (2, 12), generator=g),
+        text_lengths=torch.tensor([12, 9]),
+        prompt=torch.randn(2, 5 * p, c, generator=g),
+        prompt_patches=torch.tensor([5, 3]),
+        target=torch.randn(2, 7 * p, c, generator=g),
+        target_patches=torch.tensor([7, 4]),
+        # texts of 10 and 7 characters (BOS and EOS aside), read at one or two per patch
+        char_windows=torch.tensor([[[min(j, 9), min(j + 1, 9)] for j in range(7)],
+                                   [[min(2 * j, 6), min(2 * j + 1, 6)] for j in range(7)]]),
+    )

@@ -195,6 +195,8 @@ def test_bad_aligned_heads_are_refused_with_one_line(trained):
     (["--engine-shares", "kokoro"], "--engine-shares item 'kokoro' is not ENGINE=SHARE"),
     (["--engine-shares", "kokoro=0"], "is not ENGINE=SHARE with a share in"),
     (["--engine-shares", "kokoro=0.6,flite=0.5"], "add up to more than 1"),
+    (["--preset", "huge"], "--preset: unknown preset 'huge'"),
+    (["--preset", "paper", "--advance-to-locdit"], "--advance-to-locdit needs a preset with a text cursor"),
 ])
 def test_settings_that_could_not_work_are_refused_with_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import speech_like
+from conftest import aligned_batch, speech_like
 
-from ditarkit.reference.losses import DiffusionNoise, LossOptions, SpeechBatch, ditar_loss, train_step, vae_loss
+from ditarkit.reference.losses import DiffusionNoise, LossOptions, ditar_loss, train_step, vae_loss
 from ditarkit.reference.model import DiTAR
 from ditarkit.runtime.config import preset
 
@@ -19,26 +19,10 @@ STEPS = 8
 SHARED_HISTORY_TOLERANCE = 1e-5
 
 
-def _batch(cfg) -> SpeechBatch:
-    g = torch.Generator().manual_seed(0)
-    p, c = cfg.patch_size, cfg.audio.latent_dim
-    return SpeechBatch(
-        text_ids=torch.randint(4, cfg.text.vocab_size, (2, 12), generator=g),
-        text_lengths=torch.tensor([12, 9]),
-        prompt=torch.randn(2, 5 * p, c, generator=g),
-        prompt_patches=torch.tensor([5, 3]),
-        target=torch.randn(2, 7 * p, c, generator=g),
-        target_patches=torch.tensor([7, 4]),
-        # texts of 10 and 7 characters (BOS and EOS aside), read at one or two per patch
-        char_windows=torch.tensor([[[min(j, 9), min(j + 1, 9)] for j in range(7)],
-                                   [[min(2 * j, 6), min(2 * j + 1, 6)] for j in range(7)]]),
-    )
-
-
 def test_ditar_step_lowers_the_loss_on_a_repeated_batch():
     torch.manual_seed(0)
     model = DiTAR(preset("tiny"))
-    batch = _batch(model.config)
+    batch = aligned_batch(model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -110,7 +94,7 @@ def test_alignment_loss_averages_every_position_of_every_utterance_and_head():
 def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():
     torch.manual_seed(0)
     model = DiTAR(dataclasses.replace(preset("tiny"), cursor=None))
-    batch = _batch(model.config)
+    batch = aligned_batch(model.config)
     options = LossOptions(aligned_heads=((0, 0), (1, 1)), alignment_weight=0.5)
     losses = ditar_loss(model, batch, options)
     # a random LM spreads attention over ~20 positions: -log of a 3-character window's mass
@@ -123,7 +107,7 @@ def test_ditar_loss_adds_alignment_where_the_batch_is_aligned():
 def test_a_cursor_model_adds_the_advance_loss_and_needs_aligned_batches():
     torch.manual_seed(0)
     model = DiTAR(preset("tiny"))
-    batch = _batch(model.config)
+    batch = aligned_batch(model.config)
     losses = ditar_loss(model, batch, LossOptions(advance_weight=0.25))
     classes = model.config.cursor.max_advance + 1
     # an untrained head is near uniform over the advance counts
@@ -158,7 +142,7 @@ def test_lm_input_noise_reaches_only_the_target_patches_the_lm_reads():
 
     torch.manual_seed(0)
     model = DiTAR(preset("tiny")).eval()
-    batch = _batch(model.config)
+    batch = aligned_batch(model.config)
     with torch.no_grad():
         clean = teacher_force(model, batch)
         assert torch.equal(teacher_force(model, batch, lm_input_noise=0.0).cond, clean.cond)

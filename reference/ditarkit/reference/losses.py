@@ -89,7 +89,7 @@ class LossOptions:
 class TeacherForced:
     """One teacher-forced LM pass over a batch, flattened to the target patches."""
 
-    cond: Tensor  # (N, D) LM output that predicts each target patch
+    cond: Tensor  # (N, D) LocDiT's condition for each target patch: its LM output (CausalLM.condition)
     x0: Tensor  # (N, P, C) the target patches
     history: Tensor  # (N, H*P, C) their previous frames: the true ones, or where drawn, the draws
     stop_loss: Tensor  # ()
@@ -210,21 +210,22 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
         for attn in attentions:
             attn.record_probs, attn.probs = False, None
     rows, cols = zip(*hidden_index)
-    cond = hidden[list(rows), list(cols)]
+    outputs = hidden[list(rows), list(cols)]  # h_i of each target patch
     stop = torch.stack([
         F.binary_cross_entropy_with_logits(stop_logits[b, first : first + len(lab)], lab)
         for b, first, lab in stop_labels
     ]).mean()
     cursor = model.text_cursor is not None
+    advance = torch.cat(advances) if cursor else None
     return TeacherForced(
-        cond=cond,
+        cond=model.lm.condition(outputs, advance) if cursor else outputs,  # told the true advance
         x0=torch.cat(targets),
         history=torch.stack(histories),
         stop_loss=stop,
         probs=probs,
         rows=[(b, first, len(lab) - 1) for b, first, lab in stop_labels],
-        advance_logits=model.lm.advance_head(cond) if cursor else None,
-        advance=torch.cat(advances) if cursor else None,
+        advance_logits=model.lm.advance_head(outputs) if cursor else None,
+        advance=advance,
     )
 
 

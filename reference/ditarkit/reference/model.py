@@ -194,7 +194,9 @@ def isolated_history_mask(history: int, patch: int, device: torch.device) -> Ten
 class CausalLM(nn.Module):
     """Sequence: text tokens, prompt patch vectors, speech-start, generated patch vectors.
     The output at each position is h_i, the condition for the next patch. With a text cursor
-    the advance head reads h_i too: how many characters patch i + 1 starts after patch i."""
+    the advance head reads h_i too: how many characters patch i + 1 starts after patch i.
+    With `cursor.advance_to_locdit`, LocDiT is conditioned on h_i plus an embedding of that
+    advance (`condition`)."""
 
     def __init__(self, cfg: DiTARConfig) -> None:
         super().__init__()
@@ -202,6 +204,18 @@ class CausalLM(nn.Module):
         self.transformer = Transformer(cfg.lm)
         self.stop_head = nn.Linear(cfg.lm.dim, 1)
         self.advance_head = nn.Linear(cfg.lm.dim, cfg.cursor.max_advance + 1) if cfg.cursor else None
+        self.advance_embedding = None
+        if cfg.cursor and cfg.cursor.advance_to_locdit:
+            self.advance_embedding = nn.Embedding(cfg.cursor.max_advance + 1, cfg.lm.dim)
+            # zero: a model grown from one without it starts as that model, h_i alone
+            nn.init.zeros_(self.advance_embedding.weight)
+
+    def condition(self, hidden: Tensor, advance: Tensor) -> Tensor:
+        """LocDiT's condition for the patch after each LM output: h_i, plus the embedded
+        advance (int64, one per row of `hidden`) where the model has the embedding."""
+        if self.advance_embedding is None:
+            return hidden
+        return hidden + self.advance_embedding(advance)
 
     def forward(
         self,

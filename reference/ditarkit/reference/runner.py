@@ -90,7 +90,10 @@ class LMGraph(nn.Module):
             return outputs
         # Like the stop head, applied before the last position is taken: a head reading the
         # `hidden` graph output itself would meet it after the fp16 export's output cast.
-        return (*outputs, self.lm.advance_head(hidden)[:, -1])  # (1, max_advance + 1)
+        advance_logits = self.lm.advance_head(hidden)[:, -1]  # (1, max_advance + 1)
+        # The advance the runtime's cursor takes (its argmax of these logits), told to LocDiT.
+        cond = self.lm.condition(hidden[:, -1], advance_logits.argmax(-1))
+        return (cond, *outputs[1:], advance_logits)
 
 
 class LocDiTGraph(nn.Module):

@@ -41,11 +41,20 @@ class CursorConfig:
     `max_advance`). The LM no longer has to find its place in the text by attention alone,
     which a small model trained on little data does not learn (FIELD-NOTES); the runtime
     keeps the cursor, as ELLA-V and RALL-E keep the phoneme for decoder-only TTS. With a
-    cursor, the LM prefix's last row (the speech start) gets the first character's vector."""
+    cursor, the LM prefix's last row (the speech start) gets the first character's vector.
+
+    With `advance_to_locdit`, LocDiT's condition also carries the advance the LM chose, the
+    length in characters of the patch it draws: an embedding of the advance head's argmax,
+    added to the LM output inside the LM graph (the graph's `hidden` output is then that
+    sum). The LM output alone leaves LocDiT unsure where its patch ends wherever the advance
+    is uncertain, and it learns to blur the span; told the span, as a duration model tells a
+    non-autoregressive TTS decoder, it renders one, and the cursor then moves by that same
+    advance. Training embeds the true advance."""
 
     before: int = 2
     after: int = 5
     max_advance: int = 7
+    advance_to_locdit: bool = False
 
     @property
     def window(self) -> int:

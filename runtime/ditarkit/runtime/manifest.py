@@ -185,7 +185,8 @@ def graph_signatures(cfg: ModelContract) -> dict[str, GraphSpec]:
                 TensorSpec(LM_POSITION, i64, (1,)),  # filled cache slots = first new position
             ),
             (
-                TensorSpec(LM_HIDDEN, f32, (1, lm.cond_dim)),  # LocDiT's condition from the last new position
+                # LocDiT's condition from the last new position (cursor.advance_to_locdit: with the advance told)
+                TensorSpec(LM_HIDDEN, f32, (1, lm.cond_dim)),
                 TensorSpec(LM_STOP_LOGIT, f32, (1,)),
                 TensorSpec(LM_NEW_KEYS, f32, new_kv),  # only the new slots: no input/output aliasing
                 TensorSpec(LM_NEW_VALUES, f32, new_kv),

@@ -9,8 +9,9 @@ from ditarkit.runtime.fileio import atomic_write
 
 PANELS = (
     ("losses", ("diffusion", "stop", "alignment", "advance", "probe_diffusion", "probe_diffusion_raw")),
-    ("LM is used by LocDiT; own draws as inputs (loss gap, %)",
-     ("gap_swapped_text_pct", "gap_zeroed_lm_pct", "gap_drawn_inputs_pct")),
+    ("LM is used by LocDiT; own draws as inputs; told advance (loss gap, %)",
+     ("gap_swapped_text_pct", "gap_zeroed_lm_pct", "gap_drawn_inputs_pct", "gap_wrong_advance_pct",
+      "gap_own_advance_pct")),
     ("aligned heads and free cursor: characters off (probe)", (
         "aligned_error_r0.7", "aligned_error_r1", "aligned_error_r1.5", "best_head_error_r0.7", "best_head_error_r1",
         "best_head_error_r1.5", "cursor_error_r0.7", "cursor_error_r1", "cursor_error_r1.5")),

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ditarkit.reference.losses import DiffusionNoise, SpeechBatch, own_draws, teacher_force, velocity_loss
+from ditarkit.reference.losses import (
+    DiffusionNoise,
+    SpeechBatch,
+    TeacherForced,
+    own_draws,
+    teacher_force,
+    velocity_loss,
+)
 from ditarkit.reference.model import DiTAR
 from ditarkit.training.data import DiTARBatches, Utterance, collate
 
@@ -127,8 +134,22 @@ def alignment_metrics(model: DiTAR, probe: Probe, aligned_heads: tuple[tuple[int
         out.update(_head_metrics(forced.probs, forced.rows, probe, aligned_heads))
         if forced.advance is not None:
             out.update(_cursor_metrics(model, probe, forced.advance_logits.argmax(-1) == forced.advance))
+        if model.lm.advance_embedding is not None:
+            out.update(_told_advance_gaps(model, forced, right, noise))
         out.update(_drawn_input_metrics(model, probe, right, noise))
     return out
+
+
+def _told_advance_gaps(model: DiTAR, forced: TeacherForced, right: float, noise: DiffusionNoise) -> dict[str, float]:
+    """With `cursor.advance_to_locdit`: the loss gap when LocDiT is told another patch's true
+    advance (does it use what it is told?) and when told the advance head's own argmax (what
+    the runtime tells it: the cost of the head's mistakes)."""
+    table = model.lm.advance_embedding
+    outputs = forced.cond - table(forced.advance)
+    told = {"wrong": forced.advance.roll(1), "own": forced.advance_logits.argmax(-1)}
+    return {f"gap_{name}_advance_pct": 100 * (float(velocity_loss(
+                model, forced.x0, outputs + table(advance), forced.history, noise)) / right - 1)
+            for name, advance in told.items()}
 
 
 def _drawn_input_metrics(model: DiTAR, probe: Probe, right: float, noise: DiffusionNoise) -> dict[str, float]:
