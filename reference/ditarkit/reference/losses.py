@@ -218,7 +218,7 @@ def teacher_force(model: DiTAR, batch: SpeechBatch, record_layers: set[int] = fr
     cursor = model.text_cursor is not None
     advance = torch.cat(advances) if cursor else None
     return TeacherForced(
-        cond=model.lm.condition(outputs, advance) if cursor else outputs,  # told the true advance
+        cond=model.lm.condition(outputs, advance),  # with the advance table: told the true advance
         x0=torch.cat(targets),
         history=torch.stack(histories),
         stop_loss=stop,

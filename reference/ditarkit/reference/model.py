@@ -210,9 +210,10 @@ class CausalLM(nn.Module):
             # zero: a model grown from one without it starts as that model, h_i alone
             nn.init.zeros_(self.advance_embedding.weight)
 
-    def condition(self, hidden: Tensor, advance: Tensor) -> Tensor:
+    def condition(self, hidden: Tensor, advance: Tensor | None) -> Tensor:
         """LocDiT's condition for the patch after each LM output: h_i, plus the embedded
-        advance (int64, one per row of `hidden`) where the model has the embedding."""
+        advance (int64, one per row of `hidden`) where the model has the embedding (a model
+        with it has a cursor, so an advance; one without may pass None)."""
         if self.advance_embedding is None:
             return hidden
         return hidden + self.advance_embedding(advance)
